@@ -1,0 +1,443 @@
+"""Frames: one columnar batch of actions, written into and viewed from a segment's mmap.
+
+Design note. A frame is a 64-byte header (see ``ext/_codec.pyx``: magic, version, flags,
+length, CRC32C of bytes [16, length), first offset, count, ncols, ntypes, timestamp), then
+``ncols`` 32-byte column descriptors, then 64-byte aligned buffers. A batch may mix action
+types and keeps their order: a "type column" (uint16 type id per action, dense-union style)
+is present when ``ntypes > 1``, and each type's fields are child columns holding only that
+type's rows, in order. Variable-length values (string, bytes) are Arrow's layout: int32
+offsets (rows + 1) in the aux buffer, bytes in the data buffer. Key fields hold interned int64
+ids. Every buffer is 64-byte aligned so numpy and pyarrow view it in place without copying.
+
+Writing: buffers first, header next, CRC last; a torn write fails its CRC and is cut on open.
+Reading: every descriptor is bounds-checked against the frame before a view is made, so no
+file, however crafted, can make a view reach outside its frame.
+
+Column descriptor (32 bytes): u16 type_id, u16 field_index (0xFFFF: the type column),
+u8 kind, 3 reserved, u32 rows, u32 data_off, u32 data_len, u32 aux_off, u32 aux_len,
+u32 reserved. Offsets are relative to the frame start.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from ._impl import load
+from .errors import CorruptLogError
+from .validate import VarColumn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .schema import Schema
+
+_codec = load("codec")
+crc32c = _codec.crc32c
+
+FRAME_MAGIC = 0x46474E45
+FRAME_VERSION = 1
+HEADER_BYTES = 64
+DESC_BYTES = 32
+ALIGN = 64
+FLAG_TYPE_COLUMN = 1
+TYPE_COLUMN_FIELD = 0xFFFF
+
+_HEADER = struct.Struct("<IHHIIQIHHQ")  # first 40 bytes; 24 reserved follow
+_DESC = struct.Struct("<HHB3xIIIIII")
+
+# Physical kinds (u8 in the descriptor). The numpy dtype of each fixed-width kind.
+KIND_TYPES = 0
+KIND_DTYPES: dict[int, np.dtype] = {
+    0: np.dtype("<u2"),
+    1: np.dtype("i1"),
+    2: np.dtype("<i2"),
+    3: np.dtype("<i4"),
+    4: np.dtype("<i8"),
+    5: np.dtype("u1"),
+    6: np.dtype("<u2"),
+    7: np.dtype("<u4"),
+    8: np.dtype("<u8"),
+    9: np.dtype("<f4"),
+    10: np.dtype("<f8"),
+    11: np.dtype("?"),
+    12: np.dtype("<i8"),  # timestamp, ns since the epoch
+    15: np.dtype("<i8"),  # interned key id
+}
+KIND_STRING = 13
+KIND_BYTES = 14
+KIND_KEY = 15
+_KIND_BY_NAME = {
+    "int8": 1, "int16": 2, "int32": 3, "int64": 4, "uint8": 5, "uint16": 6, "uint32": 7,
+    "uint64": 8, "float32": 9, "float64": 10, "bool": 11, "timestamp": 12, "string": 13,
+    "bytes": 14, "key": 15,
+}
+
+
+def kind_of(field_type: Any) -> int:
+    """The physical kind code of a schema field type (keys are stored as int64 ids)."""
+    if field_type.is_key:
+        return KIND_KEY
+    return _KIND_BY_NAME[field_type.kind]
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) & ~(ALIGN - 1)
+
+
+@dataclass(frozen=True)
+class Var:
+    """A variable-length column in Arrow layout: int32 offsets (rows + 1) and uint8 data."""
+
+    offsets: np.ndarray
+    data: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+
+_VARS = (Var, VarColumn)  # written alike; offsets of both start at 0 on the write path
+
+
+@dataclass
+class ColumnSpec:
+    """One column to encode: fixed-width ``data`` array, or ``Var`` for strings/bytes."""
+
+    type_id: int
+    field_index: int
+    kind: int
+    values: np.ndarray | Var | VarColumn
+
+    @property
+    def rows(self) -> int:
+        return len(self.values)
+
+
+def frame_layout(columns: Sequence[ColumnSpec]) -> tuple[int, list[tuple[int, int, int, int]]]:
+    """Frame length and, per column, (data_off, data_len, aux_off, aux_len)."""
+    pos = _align(HEADER_BYTES + DESC_BYTES * len(columns))
+    places = []
+    for col in columns:
+        v = col.values
+        if isinstance(v, _VARS):
+            aux_off, aux_len = pos, v.offsets.nbytes
+            pos = _align(pos + aux_len)
+            data_len = int(v.offsets[-1]) if len(v.offsets) else 0
+            data_off = pos
+            pos = _align(pos + data_len)
+        else:
+            aux_off = aux_len = 0
+            data_off, data_len = pos, v.nbytes
+            pos = _align(pos + data_len)
+        places.append((data_off, data_len, aux_off, aux_len))
+    return max(pos, ALIGN), places
+
+
+def _put(view: np.ndarray, off: int, arr: np.ndarray, length: int) -> None:
+    if length:
+        view[off : off + length] = np.frombuffer(memoryview(np.ascontiguousarray(arr)).cast("B"), np.uint8, length)
+
+
+def write_frame(
+    buf: Any,
+    pos: int,
+    first_offset: int,
+    count: int,
+    ntypes: int,
+    columns: Sequence[ColumnSpec],
+    timestamp_ns: int,
+) -> int:
+    """Encode one frame into writable buffer ``buf`` at byte ``pos``; returns its length.
+
+    The caller guarantees room (see ``frame_layout``); the bytes past ``pos`` are zero.
+    """
+    length, places = frame_layout(columns)
+    view = np.frombuffer(buf, np.uint8, count=length, offset=pos)
+    view[:] = 0  # padding must be deterministic for the CRC, whatever was there before
+    for i, (col, (data_off, data_len, aux_off, aux_len)) in enumerate(zip(columns, places)):
+        _DESC.pack_into(
+            buf, pos + HEADER_BYTES + DESC_BYTES * i,
+            col.type_id, col.field_index, col.kind, col.rows,
+            data_off, data_len, aux_off, aux_len, 0,
+        )
+        v = col.values
+        if isinstance(v, _VARS):
+            _put(view, aux_off, v.offsets.astype("<i4", copy=False), aux_len)
+            _put(view, data_off, v.data[:data_len], data_len)
+        else:
+            _put(view, data_off, v, data_len)
+    flags = FLAG_TYPE_COLUMN if ntypes > 1 else 0
+    _HEADER.pack_into(
+        buf, pos, FRAME_MAGIC, FRAME_VERSION, flags, length, 0,
+        first_offset, count, len(columns), ntypes, timestamp_ns,
+    )
+    crc = crc32c(memoryview(view)[16:length])
+    struct.pack_into("<I", buf, pos + 12, crc)
+    return length
+
+
+@dataclass(frozen=True)
+class FrameHeader:
+    pos: int
+    length: int
+    crc: int
+    first_offset: int
+    count: int
+    ncols: int
+    ntypes: int
+    flags: int
+    timestamp_ns: int
+
+
+def read_header(buf: Any, pos: int) -> FrameHeader:
+    magic, version, flags, length, crc, first, count, ncols, ntypes, ts = _HEADER.unpack_from(buf, pos)
+    return FrameHeader(pos, length, crc, first, count, ncols, ntypes, flags, ts)
+
+
+class Batch:
+    """A read-only, zero-copy view of consecutive actions of one shard (one frame or a slice).
+
+    ``first_offset`` .. ``first_offset + count`` are the shard offsets covered. Columns are
+    numpy views into the segment's mmap; ``to_arrow`` wraps the same memory.
+    """
+
+    __slots__ = ("shard", "first_offset", "count", "timestamp_ns", "_schema", "_types", "_cols",
+                 "_start", "_dicts", "_row_ranges")
+
+    def __init__(self, shard: int, first_offset: int, count: int, timestamp_ns: int,
+                 schema: "Schema", types: np.ndarray | None, cols: dict, start: int = 0,
+                 dicts: Mapping[str, Any] | None = None):
+        self.shard = shard
+        self.first_offset = first_offset  # offset of row ``start`` of the underlying frame
+        self.count = count
+        self.timestamp_ns = timestamp_ns
+        self._schema = schema
+        self._types = types  # uint16 per action of the whole frame, or None if single type
+        self._cols = cols  # type_id -> {field_index: ndarray | Var} over the whole frame
+        self._start = start  # first frame row included in this batch
+        self._dicts = dicts or {}
+        self._row_ranges: dict[int, tuple[int, int]] | None = None
+
+    def __repr__(self) -> str:
+        return (f"Batch(shard={self.shard}, offsets=[{self.first_offset}, "
+                f"{self.first_offset + self.count}), types={self.type_names})")
+
+    def __len__(self) -> int:
+        return self.count
+
+    @property
+    def end_offset(self) -> int:
+        return self.first_offset + self.count
+
+    @property
+    def type_ids(self) -> list[int]:
+        return sorted(self._cols)
+
+    @property
+    def type_names(self) -> list[str]:
+        return [self._schema.type_by_id(t).name for t in self.type_ids if self._rows(t)[1] > self._rows(t)[0]]
+
+    @property
+    def types(self) -> np.ndarray:
+        """The type id of every action of the batch, in order (uint16)."""
+        stop = self._start + self.count
+        if self._types is not None:
+            return self._types[self._start : stop]
+        (only,) = self._cols
+        return np.full(self.count, only, np.uint16)
+
+    def _rows(self, type_id: int) -> tuple[int, int]:
+        """Row range [lo, hi) of ``type_id``'s child columns covered by this batch."""
+        if self._row_ranges is None:
+            ranges = {}
+            if self._types is None:
+                (only,) = self._cols
+                ranges[only] = (self._start, self._start + self.count)
+            else:
+                before = self._types[: self._start]
+                inside = self._types[self._start : self._start + self.count]
+                for t in self._cols:
+                    lo = int(np.count_nonzero(before == t))
+                    ranges[t] = (lo, lo + int(np.count_nonzero(inside == t)))
+            self._row_ranges = ranges
+        return self._row_ranges.get(type_id, (0, 0))
+
+    def _type_id(self, type_name: str) -> int:
+        return self._schema.type_id(type_name)
+
+    def rows_of(self, type_name: str) -> int:
+        """How many actions of ``type_name`` the batch holds."""
+        lo, hi = self._rows(self._type_id(type_name))
+        return hi - lo
+
+    def offsets(self, type_name: str) -> np.ndarray:
+        """Shard offsets of the actions of ``type_name`` (int64), in order."""
+        t = self._type_id(type_name)
+        if self._types is None:
+            if t not in self._cols:
+                return np.empty(0, np.int64)
+            return np.arange(self.first_offset, self.end_offset, dtype=np.int64)
+        inside = self._types[self._start : self._start + self.count]
+        return np.flatnonzero(inside == t).astype(np.int64) + self.first_offset
+
+    def column(self, type_name: str, field: str) -> np.ndarray | Var:
+        """One field of ``type_name``'s actions: a zero-copy view (Var for strings/bytes)."""
+        t = self._type_id(type_name)
+        at = self._schema[type_name]
+        idx = at.field_index(field)
+        lo, hi = self._rows(t)
+        cols = self._cols.get(t)
+        if cols is None or idx not in cols:
+            return _default_column(at, field, hi - lo)
+        v = cols[idx]
+        if isinstance(v, Var):
+            return Var(v.offsets[lo : hi + 1], v.data)
+        return v[lo:hi]
+
+    def columns(self, type_name: str) -> dict[str, np.ndarray | Var]:
+        """Every field of ``type_name``'s actions, in declaration order."""
+        return {f: self.column(type_name, f) for f in self._schema[type_name].field_names}
+
+    def to_arrow(self, type_name: str) -> Any:
+        """``type_name``'s actions as a ``pyarrow.RecordBatch`` over the same memory."""
+        import pyarrow as pa
+
+        at = self._schema[type_name]
+        arrays, names = [], []
+        for f in at.field_names:
+            v = self.column(type_name, f)
+            names.append(f)
+            if isinstance(v, Var):
+                ftype = at.fields[f]
+                is_str = ftype.kind == "string" or (ftype.is_key and ftype.kind != "bytes")
+                base = int(v.offsets[0]) if len(v.offsets) else 0
+                offs = v.offsets if base == 0 else (v.offsets - base).astype(np.int32)
+                data = v.data[base:] if base else v.data
+                arrays.append(pa.Array.from_buffers(
+                    pa.string() if is_str else pa.binary(), len(v),
+                    [None, pa.py_buffer(offs), pa.py_buffer(data)]))
+            elif at.fields[f].kind == "timestamp":
+                arrays.append(pa.Array.from_buffers(pa.timestamp("ns"), len(v), [None, pa.py_buffer(v)]))
+            else:
+                arrays.append(pa.array(v))
+        return pa.RecordBatch.from_arrays(arrays, names=names)
+
+    def keys(self, type_name: str, field: str) -> np.ndarray | list:
+        """Raw keys of a key field (the ids resolved through the persisted dictionary)."""
+        at = self._schema[type_name]
+        domain = at.fields[field].domain
+        ids = self.column(type_name, field)
+        return self._dicts[domain].key_of(ids)
+
+    def slice(self, skip: int, take: int | None = None) -> "Batch":
+        """The sub-batch of rows [skip, skip + take) (views, no copy)."""
+        assert 0 <= skip <= self.count
+        take = self.count - skip if take is None else min(take, self.count - skip)
+        return Batch(self.shard, self.first_offset + skip, take, self.timestamp_ns, self._schema,
+                     self._types, self._cols, self._start + skip, self._dicts)
+
+    def to_pylist(self) -> list[tuple[int, str, dict[str, Any]]]:
+        """Every action as ``(offset, type name, {field: value})`` (slow; for tools and tests)."""
+        out: list[tuple[int, str, dict[str, Any]]] = []
+        types = self.types
+        per_type: dict[int, Iterator[dict[str, Any]]] = {}
+        for t in set(types.tolist()):
+            name = self._schema.type_by_id(t).name
+            per_type[t] = iter(_columns_to_rows(self._schema[name], self.columns(name)))
+        for i, t in enumerate(types.tolist()):
+            out.append((self.first_offset + i, self._schema.type_by_id(t).name, next(per_type[t])))
+        return out
+
+
+def _columns_to_rows(at: Any, cols: Mapping[str, np.ndarray | Var]) -> list[dict[str, Any]]:
+    lists = {}
+    for f, v in cols.items():
+        if isinstance(v, Var):
+            raw = bytes(v.data[int(v.offsets[0]) : int(v.offsets[-1])]) if len(v.offsets) > 1 else b""
+            base = int(v.offsets[0]) if len(v.offsets) else 0
+            offs = (v.offsets - base).tolist()
+            vals = [raw[offs[i] : offs[i + 1]] for i in range(len(offs) - 1)]
+            if at.fields[f].kind == "string":
+                vals = [b.decode("utf-8") for b in vals]
+            lists[f] = vals
+        else:
+            lists[f] = v.tolist()
+    n = len(next(iter(lists.values()))) if lists else 0
+    return [{f: lists[f][i] for f in lists} for i in range(n)]
+
+
+def _default_column(at: Any, field: str, rows: int) -> np.ndarray | Var:
+    """A column for a field that older frames lack: its default, repeated."""
+    ftype = at.fields[field]
+    default = at.defaults[field]
+    if ftype.is_var and not ftype.is_key:
+        raw = default.encode("utf-8") if isinstance(default, str) else bytes(default)
+        data = np.frombuffer(raw * rows, np.uint8) if raw else np.empty(0, np.uint8)
+        return Var(np.arange(rows + 1, dtype=np.int32) * len(raw), data)
+    dtype = KIND_DTYPES[kind_of(ftype)]
+    return np.full(rows, default, dtype)
+
+
+def decode_frame(buf: Any, pos: int, shard: int, schema: "Schema", dicts: Mapping[str, Any],
+                 path: str = "?") -> Batch:
+    """View the (already CRC-checked) frame at ``pos`` as a Batch, checking every descriptor.
+
+    Raises CorruptLogError if the layout points outside the frame or disagrees with the schema.
+    """
+    h = read_header(buf, pos)
+
+    def bad(why: str) -> CorruptLogError:
+        return CorruptLogError(f"frame layout is invalid: {why}", path=path, byte_offset=pos,
+                               shard=shard, offset=h.first_offset)
+
+    body_lo = pos + HEADER_BYTES + DESC_BYTES * h.ncols
+    end = pos + h.length
+    if body_lo > end:
+        raise bad("descriptor table exceeds the frame")
+    cols: dict[int, dict[int, np.ndarray | Var]] = {}
+    rows_by_type: dict[int, int] = {}
+    types = None
+    for i in range(h.ncols):
+        t, fidx, kind, rows, d_off, d_len, a_off, a_len, _ = _DESC.unpack_from(
+            buf, pos + HEADER_BYTES + DESC_BYTES * i)
+        if d_off % ALIGN or a_off % ALIGN or pos + d_off < body_lo or pos + d_off + d_len > end:
+            raise bad(f"column {i} data is out of bounds")
+        if fidx == TYPE_COLUMN_FIELD:
+            if kind != KIND_TYPES or rows != h.count or d_len != 2 * rows:
+                raise bad("type column has the wrong shape")
+            types = np.frombuffer(buf, "<u2", rows, pos + d_off)
+            continue
+        try:
+            at = schema.type_by_id(t)
+        except Exception as exc:
+            raise bad(f"unknown type id {t}") from exc
+        if fidx >= len(at.field_names):
+            raise bad(f"field index {fidx} out of range for type {at.name!r}")
+        expect = kind_of(at.fields[at.field_names[fidx]])
+        if kind != expect:
+            raise bad(f"column {i} has kind {kind}, schema says {expect}")
+        if rows_by_type.setdefault(t, rows) != rows:
+            raise bad(f"columns of type {at.name!r} disagree on row count")
+        if kind in (KIND_STRING, KIND_BYTES):
+            if a_len != 4 * (rows + 1) or pos + a_off < body_lo or pos + a_off + a_len > end:
+                raise bad(f"column {i} offsets are out of bounds")
+            offs = np.frombuffer(buf, "<i4", rows + 1, pos + a_off)
+            if offs[0] != 0 or offs[-1] != d_len or (rows and np.any(offs[1:] < offs[:-1])):
+                raise bad(f"column {i} offsets are not monotonic within the data")
+            cols.setdefault(t, {})[fidx] = Var(offs, np.frombuffer(buf, np.uint8, d_len, pos + d_off))
+        else:
+            dt = KIND_DTYPES.get(kind)
+            if dt is None or d_len != dt.itemsize * rows:
+                raise bad(f"column {i} has {d_len} bytes for {rows} rows")
+            cols.setdefault(t, {})[fidx] = np.frombuffer(buf, dt, rows, pos + d_off)
+    if types is None:
+        if len(rows_by_type) > 1 or (rows_by_type and sum(rows_by_type.values()) != h.count):
+            raise bad("single-type frame with inconsistent row counts")
+        if not rows_by_type:
+            raise bad("frame has no columns")
+    else:
+        ids, counts = np.unique(types, return_counts=True)
+        if dict(zip(ids.tolist(), counts.tolist())) != {t: r for t, r in rows_by_type.items() if r}:
+            raise bad("type column disagrees with the child columns")
+    return Batch(shard, h.first_offset, h.count, h.timestamp_ns, schema, types, cols, 0, dicts)

@@ -1,0 +1,524 @@
+"""The dispatcher: a sharded, durable, columnar action log with a schema and key dictionaries.
+
+Design note. ``Log`` validates every action against the schema before anything is written,
+routes it to ``shard = stable_hash(partition key) % shards``, interns key fields into dense
+ids (dictionary records are written before the frames that use them), and appends columnar
+frames to the shard's ``ShardLog``. Single actions (``dispatch``) are buffered per shard and cut
+into mixed-type frames; columnar batches (``append``) become frames directly. Durability:
+
+* ``"sync"``: a call returns once an fdatasync covering its actions is done; concurrent
+  callers share one fdatasync (leader/follower group commit, no added delay);
+* ``"group"``: the same guarantee, but a committer thread gathers callers for up to
+  ``flush_interval_ms`` before each fdatasync (higher throughput, bounded extra latency);
+* ``"none"``: no fdatasync until ``flush()`` / ``close()``; ``dispatch`` buffers up to
+  ``dispatch_buffer_actions`` in memory (a crash loses what is still buffered).
+
+``flush()`` is a durability barrier in every mode. One process writes a directory (an
+exclusive ``flock``); any number of processes may open it read-only and follow it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import os
+import threading
+import time
+from collections import defaultdict
+from typing import Any, Iterable, Iterator, Literal, Mapping, Sequence
+
+import numpy as np
+
+from ._impl import load
+from .errors import ClosedError, IncompatibleSchemaError, LimitExceededError, LogError, ReadOnlyError
+from .frame import KIND_TYPES, TYPE_COLUMN_FIELD, Batch, ColumnSpec, Var, kind_of
+from .keys import KeyDictionary, var_to_strs
+from .limits import DEFAULT_LIMITS, Limits
+from .schema import ActionType, Schema, VarColumn
+from .shardlog import ShardLog
+
+_keys = load("keys")
+
+Durability = Literal["sync", "group", "none"]
+FORMAT_VERSION = 1
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Log:
+    """A data directory's log. Use :func:`engine.open` to get one."""
+
+    def __init__(self, path: str, types: Iterable[ActionType] | Schema | None = None, *,
+                 shards: int | None = None, durability: Durability = "group",
+                 limits: Limits = DEFAULT_LIMITS, readonly: bool = False,
+                 retention_bytes: int | None = None, retention_age_s: float | None = None):
+        if durability not in ("sync", "group", "none"):
+            raise ValueError(f"durability must be 'sync', 'group' or 'none', not {durability!r}")
+        self.path = os.path.abspath(path)
+        self.durability = durability
+        self.limits = limits
+        self.readonly = readonly
+        self.retention_bytes = retention_bytes
+        self.retention_age_s = retention_age_s
+        self.report: list[str] = []  # what recovery did on open (torn tails cut, indexes rebuilt)
+        self._closed = False
+        self._lock = threading.RLock()  # guards every write path
+        self._lockfile = None
+        self._open_meta(types, shards)
+        self.dicts = {d: KeyDictionary(os.path.join(self.path, "keys"), d, kind, not readonly, self.report)
+                      for d, kind in self.schema.domains.items()}
+        self.shard_logs = [
+            ShardLog(os.path.join(self.path, "shards", f"{s:04d}"), s, self.meta["segment_bytes"],
+                     not readonly, self.schema, self.dicts, self.report)
+            for s in range(self.shards)]
+        # dispatch buffers: per shard, rows in order as (type_id, validated tuple)
+        self._pending: list[list[tuple[int, tuple]]] = [[] for _ in range(self.shards)]
+        self._pending_n = 0
+        self._written_seq = 0  # frames written; a caller's actions are in frame <= its seq
+        self._synced_seq = 0  # frames covered by the last completed fdatasync
+        self._sync_cond = threading.Condition(threading.Lock())
+        self._syncing = False
+        self._committer: threading.Thread | None = None
+        self._committer_wake = threading.Event()
+        if not readonly and durability in ("group", "none"):
+            self._committer = threading.Thread(target=self._commit_loop, name="engine-commit", daemon=True)
+            self._committer.start()
+        self._async_waiters: list[tuple[int, asyncio.Future]] = []
+        self._async_scheduled = False
+
+    # -- metadata --------------------------------------------------------------------------
+    def _open_meta(self, types: Iterable[ActionType] | Schema | None, shards: int | None) -> None:
+        meta_path = os.path.join(self.path, "engine.json")
+        schema_path = os.path.join(self.path, "schema.json")
+        exists = os.path.exists(meta_path)
+        if self.readonly and not exists:
+            raise LogError("no engine data directory here (engine.json missing)", path=self.path)
+        if not self.readonly:
+            os.makedirs(self.path, exist_ok=True)
+            self._lockfile = open(os.path.join(self.path, "LOCK"), "a+")
+            try:
+                fcntl.flock(self._lockfile, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError as exc:
+                self._lockfile.close()
+                raise LogError("the data directory is open for writing by another process; open "
+                               "it with readonly=True to follow it", path=self.path) from exc
+        declared = None if types is None else (types if isinstance(types, Schema) else Schema(list(types)))
+        if exists:
+            with open(meta_path) as f:
+                self.meta = json.load(f)
+            if self.meta.get("format") != FORMAT_VERSION:
+                raise IncompatibleSchemaError(f"data directory format {self.meta.get('format')} is "
+                                              f"not supported (this engine reads {FORMAT_VERSION})")
+            if shards is not None and shards != self.meta["shards"]:
+                raise IncompatibleSchemaError(
+                    f"the directory has {self.meta['shards']} shards, {shards} requested; "
+                    "resharding is not supported: replay into a new directory")
+            with open(schema_path) as f:
+                stored = Schema.from_json(f.read())
+            self.schema = stored if declared is None else Schema.merge(stored, declared)
+            if not self.readonly and self.schema.to_json() != stored.to_json():
+                _write_atomic(schema_path, self.schema.to_json())
+        else:
+            if declared is None:
+                raise ValueError("a new data directory needs its action types: open(path, types=[...])")
+            n = 1 if shards is None else shards
+            if not 1 <= n <= self.limits.shards_max:
+                raise ValueError(f"shards must be in [1, {self.limits.shards_max}], not {n}")
+            self.meta = {"format": FORMAT_VERSION, "shards": n,
+                         "segment_bytes": self.limits.segment_bytes}
+            self.schema = Schema.merge(Schema([]), declared) if hasattr(Schema, "merge") else declared
+            _write_atomic(schema_path, self.schema.to_json())
+            _write_atomic(meta_path, json.dumps(self.meta, indent=1, sort_keys=True))
+        self.shards = int(self.meta["shards"])
+
+    # -- routing ---------------------------------------------------------------------------
+    def shard_of(self, type_name: str, key: Any) -> int:
+        """The shard an action of ``type_name`` with partition key ``key`` goes to."""
+        if self.shards == 1:
+            return 0
+        at = self.schema[type_name]
+        if isinstance(key, (str, bytes)):
+            return int(_keys.shard_of_str(key, self.shards))
+        del at
+        return int(_keys.shard_of_int(int(key), self.shards))
+
+    def _route(self, at: ActionType, cols: Mapping[str, Any], n: int) -> np.ndarray | None:
+        if self.shards == 1 or n == 0:
+            return None
+        v = cols[at.partition]
+        if isinstance(v, VarColumn):
+            return _keys.shard_of_strs((v.offsets, v.data), self.shards)
+        return _keys.shard_of_ints(np.asarray(v).astype(np.int64, copy=False), self.shards)
+
+    # -- writing: columnar -----------------------------------------------------------------
+    def append(self, type_name: str, columns: Any) -> dict[int, range]:
+        """Append a columnar batch of one action type; returns ``{shard: offsets range}``.
+
+        ``columns`` maps field names to numpy arrays / lists / Arrow arrays, or is a
+        ``pyarrow.RecordBatch``. The whole batch is validated first: on error nothing is
+        written. Returns once durable per the log's durability mode.
+        """
+        self._check_writable()
+        at = self.schema[type_name]
+        cols, n = at.validate_columns(columns, self.limits)
+        if n == 0:
+            return {}
+        type_id = self.schema.type_id(type_name)
+        shard_ids = self._route(at, cols, n)
+        out: dict[int, range] = {}
+        with self._lock:
+            self._flush_pending_locked()
+            cols = self._intern_columns(at, cols)
+            if shard_ids is None:
+                parts = [(0, cols, n)]
+            else:
+                order = np.argsort(shard_ids, kind="stable")
+                bounds = np.searchsorted(shard_ids[order], np.arange(self.shards + 1))
+                parts = []
+                for s in range(self.shards):
+                    idx = order[bounds[s] : bounds[s + 1]]
+                    if len(idx):
+                        parts.append((s, {f: _take(v, idx) for f, v in cols.items()}, len(idx)))
+            for s, part, m in parts:
+                first = self._write_columns(s, at, type_id, part, m)
+                out[s] = range(first, first + m)
+            seq = self._written_seq
+        self._after_write(seq)
+        return out
+
+    def _write_columns(self, shard: int, at: ActionType, type_id: int, cols: Mapping[str, Any], n: int) -> int:
+        """Write rows of one type to one shard as frames; returns the first offset."""
+        first = None
+        for lo, hi in _frame_cuts(at, cols, n, self.limits):
+            specs = [ColumnSpec(type_id, at.field_index(f), kind_of(at.fields[f]), _slice(v, lo, hi))
+                     for f, v in cols.items()]
+            off = self.shard_logs[shard].write_frame(specs, hi - lo, 1)
+            self._written_seq += 1
+            first = off if first is None else first
+        assert first is not None
+        return first
+
+    def _intern_columns(self, at: ActionType, cols: Mapping[str, Any]) -> dict[str, Any]:
+        out = dict(cols)
+        for f, domain in at.key_fields.items():
+            v = cols[f]
+            raw = (v.offsets, v.data) if isinstance(v, VarColumn) else v
+            out[f] = self.dicts[domain].intern(raw)
+        return out
+
+    # -- writing: single actions -----------------------------------------------------------
+    def dispatch(self, type_name: str, /, **fields: Any) -> int:
+        """Append one action; returns its offset in its shard (see ``shard_of``).
+
+        Validated before anything is written. With "sync"/"group" durability the call returns
+        once the action is durable; with "none" it is buffered (see ``flush``).
+        """
+        self._check_writable()
+        at = self.schema[type_name]
+        row = at.validate_one(fields, self.limits)
+        type_id = self.schema.type_id(type_name)
+        shard = 0 if self.shards == 1 else self.shard_of(type_name, row[at.field_index(at.partition)])
+        with self._lock:
+            buf = self._pending[shard]
+            offset = self.shard_logs[shard].end_offset + len(buf)
+            buf.append((type_id, row))
+            self._pending_n += 1
+            if self.durability == "none":
+                if self._pending_n >= self.limits.dispatch_buffer_actions:
+                    self._flush_pending_locked()
+                return offset
+        self._make_durable()
+        return offset
+
+    async def dispatch_async(self, type_name: str, /, **fields: Any) -> int:
+        """Append one action; resolves once it is durable (all producers share fdatasyncs)."""
+        self._check_writable()
+        at = self.schema[type_name]
+        row = at.validate_one(fields, self.limits)
+        type_id = self.schema.type_id(type_name)
+        shard = 0 if self.shards == 1 else self.shard_of(type_name, row[at.field_index(at.partition)])
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        with self._lock:
+            buf = self._pending[shard]
+            offset = self.shard_logs[shard].end_offset + len(buf)
+            buf.append((type_id, row))
+            self._pending_n += 1
+            self._async_waiters.append((offset, fut))
+        if not self._async_scheduled:
+            self._async_scheduled = True
+            loop.call_soon(lambda: asyncio.ensure_future(self._async_commit(loop)))
+        await fut
+        return offset
+
+    async def _async_commit(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Commit groups while waiters arrive: write everything pending, one fdatasync, resolve."""
+        try:
+            while self._async_waiters:
+                with self._lock:
+                    waiters, self._async_waiters = self._async_waiters, []
+                    self._flush_pending_locked()
+                    seq = self._written_seq
+                try:
+                    await loop.run_in_executor(None, self._sync_to, seq)
+                except BaseException as exc:  # every waiter learns the commit failed
+                    for _, fut in waiters:
+                        if not fut.done():
+                            fut.set_exception(exc)
+                    raise
+                for _, fut in waiters:
+                    if not fut.done():
+                        fut.set_result(None)
+        finally:
+            self._async_scheduled = False
+
+    def _flush_pending_locked(self) -> None:
+        """Cut every shard's dispatch buffer into one (mixed-type) frame each."""
+        if not self._pending_n:
+            return
+        for shard, rows in enumerate(self._pending):
+            if rows:
+                self._pending[shard] = []
+                self._write_rows(shard, rows)
+        self._pending_n = 0
+
+    def _write_rows(self, shard: int, rows: list[tuple[int, tuple]]) -> None:
+        by_type: dict[int, list[tuple]] = defaultdict(list)
+        for t, r in rows:
+            by_type[t].append(r)
+        specs: list[ColumnSpec] = []
+        if len(by_type) > 1:
+            types = np.fromiter((t for t, _ in rows), np.uint16, len(rows))
+            specs.append(ColumnSpec(0, TYPE_COLUMN_FIELD, KIND_TYPES, types))
+        for t, trs in by_type.items():
+            at = self.schema.type_by_id(t)
+            cols = self._intern_columns(at, _rows_to_columns(at, trs))
+            for f, v in cols.items():
+                specs.append(ColumnSpec(t, at.field_index(f), kind_of(at.fields[f]), v))
+        self.shard_logs[shard].write_frame(specs, len(rows), len(by_type))
+        self._written_seq += 1
+
+    # -- durability ------------------------------------------------------------------------
+    def _after_write(self, seq: int) -> None:
+        if self.durability == "sync":
+            self._sync_to(seq)
+        elif self.durability == "group":
+            self._committer_wake.set()
+            with self._sync_cond:
+                while self._synced_seq < seq and not self._closed:
+                    self._sync_cond.wait(0.05)
+
+    def _make_durable(self) -> None:
+        with self._lock:
+            self._flush_pending_locked()
+            seq = self._written_seq
+        self._after_write(seq)
+
+    def _sync_to(self, seq: int) -> None:
+        """Leader/follower: return once an fdatasync covering frame ``seq`` has completed."""
+        with self._sync_cond:
+            while self._synced_seq < seq:
+                if self._syncing:
+                    self._sync_cond.wait()
+                    continue
+                self._syncing = True
+                self._sync_cond.release()
+                try:
+                    with self._lock:
+                        self._flush_pending_locked()
+                        target = self._written_seq
+                    self._fdatasync_all()
+                finally:
+                    self._sync_cond.acquire()
+                    self._syncing = False
+                    self._sync_cond.notify_all()
+                self._synced_seq = max(self._synced_seq, target)
+
+    def _fdatasync_all(self) -> None:
+        for d in self.dicts.values():
+            d.sync()  # keys before the frames that use them
+        for sl in self.shard_logs:
+            sl.sync()
+
+    def _commit_loop(self) -> None:
+        interval = self.limits.flush_interval_ms / 1000
+        while not self._closed:
+            self._committer_wake.wait(interval)
+            self._committer_wake.clear()
+            if self._closed:
+                break
+            if self.durability == "group":
+                time.sleep(interval / 4)  # gather more writers into this commit (bounded delay)
+                if self._synced_seq < self._written_seq:
+                    self._sync_to(self._written_seq)
+            elif self._pending_n:
+                with self._lock:
+                    self._flush_pending_locked()
+
+    def flush(self) -> None:
+        """Durability barrier: every action appended or dispatched before is on disk."""
+        self._check_writable()
+        with self._lock:
+            self._flush_pending_locked()
+            seq = self._written_seq
+        self._sync_to(seq)
+        if self.retention_bytes is not None or self.retention_age_s is not None:
+            with self._lock:
+                for sl in self.shard_logs:
+                    sl.retire_before(self.retention_bytes, self.retention_age_s, time.time_ns())
+
+    # -- reading ---------------------------------------------------------------------------
+    def end_offset(self, shard: int = 0) -> int:
+        """Offset the next action of ``shard`` gets (buffered dispatches not counted)."""
+        return self.shard_logs[shard].end_offset
+
+    def start_offset(self, shard: int = 0) -> int:
+        return self.shard_logs[shard].start_offset
+
+    def read(self, shard: int = 0, start: int = 0, stop: int | None = None) -> Iterator[Batch]:
+        """Batches of exactly the actions [start, stop) of ``shard``, in order, CRC-checked."""
+        self._check_open()
+        if not 0 <= shard < self.shards:
+            raise ValueError(f"shard must be in [0, {self.shards}), not {shard}")
+        if self.readonly:
+            self.refresh()
+        return self.shard_logs[shard].read(start, stop)
+
+    def refresh(self) -> None:
+        """Read-only follower: see what the writer appended since (keys first, then frames)."""
+        for d in self.dicts.values():
+            d.refresh()
+        for sl in self.shard_logs:
+            sl.refresh()
+
+    def follow(self, shard: int = 0, start: int = 0, poll_interval_s: float = 0.05,
+               stop_event: threading.Event | None = None) -> Iterator[Batch]:
+        """Tail ``shard`` from ``start`` forever (or until ``stop_event``), yielding new batches."""
+        pos = start
+        while stop_event is None or not stop_event.is_set():
+            got = False
+            for b in self.read(shard, pos):
+                got = True
+                pos = b.end_offset
+                yield b
+            if not got:
+                time.sleep(poll_interval_s)
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError("the log is closed; open it again with engine.open(path)")
+
+    def _check_writable(self) -> None:
+        self._check_open()
+        if self.readonly:
+            raise ReadOnlyError("this log was opened read-only; writes go through the writer process")
+
+    def close(self) -> None:
+        """Flush (durably) and release everything. Further calls raise ``ClosedError``."""
+        if self._closed:
+            return
+        if not self.readonly:
+            self.flush()
+        self._closed = True
+        self._committer_wake.set()
+        if self._committer is not None:
+            self._committer.join()
+        for sl in self.shard_logs:
+            sl.close()
+        for d in self.dicts.values():
+            d.close()
+        if self._lockfile is not None:
+            self._lockfile.close()
+
+    def __enter__(self) -> "Log":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("read-only" if self.readonly else self.durability)
+        return f"Log({self.path!r}, shards={self.shards}, {state})"
+
+
+# -- helpers ---------------------------------------------------------------------------------
+def _take(v: Any, idx: np.ndarray) -> Any:
+    if isinstance(v, VarColumn):
+        return _var_take(v.offsets, v.data, idx)
+    return v[idx]
+
+
+def _var_take(offsets: np.ndarray, data: np.ndarray, idx: np.ndarray) -> VarColumn:
+    lens = (offsets[1:] - offsets[:-1])[idx]
+    new_off = np.zeros(len(idx) + 1, np.int32)
+    np.cumsum(lens, out=new_off[1:])
+    starts = offsets[:-1][idx]
+    # gather bytes: position of each output byte in the source
+    src = np.repeat(starts - new_off[:-1], lens) + np.arange(int(new_off[-1]), dtype=np.int64)
+    return VarColumn(new_off, data[src] if len(src) else np.empty(0, np.uint8))
+
+
+def _slice(v: Any, lo: int, hi: int) -> Any:
+    if isinstance(v, (VarColumn, Var)):
+        offs = v.offsets[lo : hi + 1]
+        base = int(offs[0])
+        return Var((offs - base).astype(np.int32), v.data[base : int(offs[-1])])
+    return v[lo:hi]
+
+
+def _frame_cuts(at: ActionType, cols: Mapping[str, Any], n: int, limits: Limits) -> list[tuple[int, int]]:
+    """Row ranges so that each frame stays under the frame byte and action limits."""
+    fixed = sum(v.itemsize for v in cols.values() if not isinstance(v, VarColumn))
+    budget = limits.frame_bytes_max - 64 * (2 * len(cols) + 4)
+    var = [v for v in cols.values() if isinstance(v, VarColumn)]
+    step = limits.frame_actions_max
+    if not var:
+        step = max(1, min(step, budget // max(1, fixed)))
+        return [(lo, min(n, lo + step)) for lo in range(0, n, step)]
+    cost = np.full(n, fixed + 4 * len(var), np.int64)
+    for v in var:
+        cost += np.diff(v.offsets).astype(np.int64)
+    total = np.cumsum(cost)
+    cuts, lo = [], 0
+    while lo < n:
+        base = int(total[lo - 1]) if lo else 0
+        hi = int(np.searchsorted(total, base + budget, side="right"))
+        hi = max(lo + 1, min(hi, lo + step, n))
+        if int(total[hi - 1]) - base > budget:
+            raise LimitExceededError(f"one {at.name!r} action is larger than a frame "
+                                     f"({limits.frame_bytes_max} bytes)", action_type=at.name)
+        cuts.append((lo, hi))
+        lo = hi
+    return cuts
+
+
+def _rows_to_columns(at: ActionType, rows: Sequence[tuple]) -> dict[str, Any]:
+    """Validated row tuples → columns (the dispatch buffer's flush)."""
+    out: dict[str, Any] = {}
+    for i, f in enumerate(at.field_names):
+        ft = at.fields[f]
+        vals = [r[i] for r in rows]
+        if ft.is_var:
+            out[f] = VarColumn.from_values(vals)
+        elif ft.is_key:
+            out[f] = np.array(vals, np.int64)
+        else:
+            out[f] = np.array(vals, dtype=ft.dtype)
+    return out
+
+
+__all__ = ["Log", "Durability", "var_to_strs"]
