@@ -237,7 +237,11 @@ class ActionType:
         """Check a batch; return its columns in stored form, in field order, and its row count.
 
         Fixed-width columns come back as 1-D C-contiguous arrays of the field dtype, sharing
-        memory with the input when it already is one (numpy, or Arrow without nulls).
+        memory with the input when it already is one (numpy, or Arrow without nulls); string,
+        bytes and str-key columns as VarColumns (zero-copy from Arrow string/binary arrays).
+        Integers are range-checked into any int field; float64 into float32 and ints into float
+        fields round to nearest (only a finite value that overflows is rejected). Lists go value
+        by value through ``validate_one``'s checks, so both reject a value with the same message.
         """
         given, rows_hint = self._column_mapping(columns)
         for name in given:

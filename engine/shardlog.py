@@ -100,6 +100,8 @@ class ShardLog:
     def roll(self) -> None:
         """Seal the open segment (index written, fsync'd) and start a new one."""
         seg = self.segments[-1]
+        if seg.frame_count == 0:
+            return  # nothing to seal; the empty segment keeps its base offset
         seg.sync()
         seg.seal()
         self._new_segment(seg.next_offset)

@@ -306,7 +306,7 @@ cdef class Int64Interner:
             if grown == NULL:
                 return -1
             self.key_at, self.keys_max = grown, m
-        if 2 * <uint64_t>keys_needed <= size:
+        if <uint64_t>keys_needed <= size:
             return 0
         while 2 * <uint64_t>keys_needed > size:
             size *= 2
