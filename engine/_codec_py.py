@@ -35,6 +35,7 @@ __all__ = [
     "COLUMN_DESC_BYTES",
     "FRAME_ALIGN",
     "FRAME_FLAG_TYPE_COLUMN",
+    "FRAME_FLAG_SPARSE",
     "SCAN_END",
     "SCAN_BAD_MAGIC",
     "SCAN_BAD_VERSION",
@@ -49,7 +50,8 @@ FRAME_VERSION = 1
 FRAME_HEADER_BYTES = 64
 COLUMN_DESC_BYTES = 32
 FRAME_ALIGN = 64
-FRAME_FLAG_TYPE_COLUMN = 1  # the only known flag bit
+FRAME_FLAG_TYPE_COLUMN = 1  # a type column is present
+FRAME_FLAG_SPARSE = 2  # compacted: an offsets column lists the rows present; count = span
 SCAN_END = 0  # reached `end`, or unwritten (all-zero) space at the stop position
 SCAN_BAD_MAGIC = 1
 SCAN_BAD_VERSION = 2  # also unknown flags or non-zero reserved bytes
@@ -196,7 +198,7 @@ def scan_frames(
                     SCAN_BAD_MAGIC
                 )
                 break
-            if (version != FRAME_VERSION or flags & ~FRAME_FLAG_TYPE_COLUMN
+            if (version != FRAME_VERSION or flags & ~(FRAME_FLAG_TYPE_COLUMN | FRAME_FLAG_SPARSE)
                     or not _all_zero(view[pos + _RESERVED_AT : pos + FRAME_HEADER_BYTES])):
                 status = SCAN_BAD_VERSION
                 break

@@ -187,7 +187,9 @@ def _valid_value(tid: int, i: int, kind: str, v: Any) -> Any:
     elif kind in ("float32", "float64"):
         ok_type = type(v) is float
         x = _cast(v, DTYPES[kind]) if ok_type else 0.0
-        ok, v = ok_type and not (np.isinf(x) and np.isfinite(v)), x
+        ok = ok_type and not (np.isinf(x) and np.isfinite(v))
+        if ok:
+            return x
     elif kind == "bool":
         ok_type = ok = v is True or v is False
     else:

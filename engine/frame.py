@@ -42,7 +42,10 @@ HEADER_BYTES = 64
 DESC_BYTES = 32
 ALIGN = 64
 FLAG_TYPE_COLUMN = 1
+FLAG_SPARSE = 2  # compacted frame: an offsets column lists the rows present; count = span
 TYPE_COLUMN_FIELD = 0xFFFF
+OFFSETS_FIELD = 0xFFFE
+KIND_OFFSETS = 16
 
 _HEADER = struct.Struct("<IHHIIQIHHQ")  # first 40 bytes; 24 reserved follow
 _DESC = struct.Struct("<HHB3xIIIIII")
@@ -51,6 +54,7 @@ _DESC = struct.Struct("<HHB3xIIIIII")
 KIND_TYPES = 0
 KIND_DTYPES: dict[int, np.dtype] = {
     0: np.dtype("<u2"),
+    16: np.dtype("<i8"),  # row offsets of a sparse frame
     1: np.dtype("i1"),
     2: np.dtype("<i2"),
     3: np.dtype("<i4"),
@@ -114,6 +118,20 @@ class ColumnSpec:
         return len(self.values)
 
 
+def take_rows(v: np.ndarray | Var | VarColumn, idx: np.ndarray) -> np.ndarray | VarColumn:
+    """Rows ``idx`` of a column (a copy); variable-length columns are regathered."""
+    if not isinstance(v, _VARS):
+        return v[idx]
+    offsets, data = v.offsets, v.data
+    lens = (offsets[1:] - offsets[:-1])[idx]
+    new_off = np.zeros(len(idx) + 1, np.int32)
+    np.cumsum(lens, out=new_off[1:])
+    starts = offsets[:-1][idx].astype(np.int64)
+    # the source position of every output byte
+    src = np.repeat(starts - new_off[:-1], lens) + np.arange(int(new_off[-1]), dtype=np.int64)
+    return VarColumn(new_off, data[src] if len(src) else np.empty(0, np.uint8))
+
+
 def frame_layout(columns: Sequence[ColumnSpec]) -> tuple[int, list[tuple[int, int, int, int]]]:
     """Frame length and, per column, (data_off, data_len, aux_off, aux_len)."""
     pos = _align(HEADER_BYTES + DESC_BYTES * len(columns))
@@ -147,6 +165,7 @@ def write_frame(
     ntypes: int,
     columns: Sequence[ColumnSpec],
     timestamp_ns: int,
+    sparse: bool = False,
 ) -> int:
     """Encode one frame into writable buffer ``buf`` at byte ``pos``; returns its length.
 
@@ -167,7 +186,7 @@ def write_frame(
             _put(view, data_off, v.data[:data_len], data_len)
         else:
             _put(view, data_off, v, data_len)
-    flags = FLAG_TYPE_COLUMN if ntypes > 1 else 0
+    flags = (FLAG_TYPE_COLUMN if ntypes > 1 else 0) | (FLAG_SPARSE if sparse else 0)
     _HEADER.pack_into(
         buf, pos, FRAME_MAGIC, FRAME_VERSION, flags, length, 0,
         first_offset, count, len(columns), ntypes, timestamp_ns,
@@ -198,37 +217,46 @@ def read_header(buf: Any, pos: int) -> FrameHeader:
 class Batch:
     """A read-only, zero-copy view of consecutive actions of one shard (one frame or a slice).
 
-    ``first_offset`` .. ``first_offset + count`` are the shard offsets covered. Columns are
-    numpy views into the segment's mmap; ``to_arrow`` wraps the same memory.
+    It covers shard offsets [``first_offset``, ``end_offset``). ``count`` actions are present:
+    all of them, except in a compacted (sparse) frame, where superseded last-write-wins actions
+    were removed and ``offsets()`` tells which remain. Columns are numpy views into the
+    segment's mmap; ``to_arrow`` wraps the same memory.
     """
 
-    __slots__ = ("shard", "first_offset", "count", "timestamp_ns", "_schema", "_types", "_cols",
-                 "_start", "_dicts", "_row_ranges")
+    __slots__ = ("shard", "first_offset", "end_offset", "timestamp_ns", "_schema", "_types",
+                 "_cols", "_start", "_stop", "_dicts", "_row_ranges", "_row_offsets")
 
-    def __init__(self, shard: int, first_offset: int, count: int, timestamp_ns: int,
-                 schema: "Schema", types: np.ndarray | None, cols: dict, start: int = 0,
-                 dicts: Mapping[str, Any] | None = None):
+    def __init__(self, shard: int, first_offset: int, end_offset: int, timestamp_ns: int,
+                 schema: "Schema", types: np.ndarray | None, cols: dict, start: int, stop: int,
+                 dicts: Mapping[str, Any] | None = None, row_offsets: np.ndarray | None = None):
         self.shard = shard
-        self.first_offset = first_offset  # offset of row ``start`` of the underlying frame
-        self.count = count
+        self.first_offset = first_offset
+        self.end_offset = end_offset
         self.timestamp_ns = timestamp_ns
         self._schema = schema
-        self._types = types  # uint16 per action of the whole frame, or None if single type
+        self._types = types  # uint16 per row of the whole frame, or None if single type
         self._cols = cols  # type_id -> {field_index: ndarray | Var} over the whole frame
-        self._start = start  # first frame row included in this batch
+        self._start = start  # frame rows [start, stop) are in this batch
+        self._stop = stop
         self._dicts = dicts or {}
         self._row_ranges: dict[int, tuple[int, int]] | None = None
+        self._row_offsets = row_offsets  # sparse frames: int64 offset of every frame row
 
     def __repr__(self) -> str:
-        return (f"Batch(shard={self.shard}, offsets=[{self.first_offset}, "
-                f"{self.first_offset + self.count}), types={self.type_names})")
+        return (f"Batch(shard={self.shard}, offsets=[{self.first_offset}, {self.end_offset}), "
+                f"count={self.count}, types={self.type_names})")
 
     def __len__(self) -> int:
         return self.count
 
     @property
-    def end_offset(self) -> int:
-        return self.first_offset + self.count
+    def count(self) -> int:
+        """Actions present in the batch."""
+        return self._stop - self._start
+
+    @property
+    def sparse(self) -> bool:
+        return self._row_offsets is not None
 
     @property
     def type_ids(self) -> list[int]:
@@ -241,22 +269,29 @@ class Batch:
     @property
     def types(self) -> np.ndarray:
         """The type id of every action of the batch, in order (uint16)."""
-        stop = self._start + self.count
         if self._types is not None:
-            return self._types[self._start : stop]
+            return self._types[self._start : self._stop]
+        if not self._cols:
+            return np.empty(0, np.uint16)
         (only,) = self._cols
         return np.full(self.count, only, np.uint16)
+
+    def all_offsets(self) -> np.ndarray:
+        """The shard offset of every action of the batch, in order (int64)."""
+        if self._row_offsets is not None:
+            return self._row_offsets[self._start : self._stop]
+        return np.arange(self.first_offset, self.end_offset, dtype=np.int64)
 
     def _rows(self, type_id: int) -> tuple[int, int]:
         """Row range [lo, hi) of ``type_id``'s child columns covered by this batch."""
         if self._row_ranges is None:
             ranges = {}
             if self._types is None:
-                (only,) = self._cols
-                ranges[only] = (self._start, self._start + self.count)
+                for only in self._cols:
+                    ranges[only] = (self._start, self._stop)
             else:
                 before = self._types[: self._start]
-                inside = self._types[self._start : self._start + self.count]
+                inside = self._types[self._start : self._stop]
                 for t in self._cols:
                     lo = int(np.count_nonzero(before == t))
                     ranges[t] = (lo, lo + int(np.count_nonzero(inside == t)))
@@ -277,9 +312,9 @@ class Batch:
         if self._types is None:
             if t not in self._cols:
                 return np.empty(0, np.int64)
-            return np.arange(self.first_offset, self.end_offset, dtype=np.int64)
-        inside = self._types[self._start : self._start + self.count]
-        return np.flatnonzero(inside == t).astype(np.int64) + self.first_offset
+            return self.all_offsets()
+        inside = self._types[self._start : self._stop]
+        return self.all_offsets()[inside == t]
 
     def column(self, type_name: str, field: str) -> np.ndarray | Var:
         """One field of ``type_name``'s actions: a zero-copy view (Var for strings/bytes)."""
@@ -330,23 +365,30 @@ class Batch:
         ids = self.column(type_name, field)
         return self._dicts[domain].key_of(ids)
 
-    def slice(self, skip: int, take: int | None = None) -> "Batch":
-        """The sub-batch of rows [skip, skip + take) (views, no copy)."""
-        assert 0 <= skip <= self.count
-        take = self.count - skip if take is None else min(take, self.count - skip)
-        return Batch(self.shard, self.first_offset + skip, take, self.timestamp_ns, self._schema,
-                     self._types, self._cols, self._start + skip, self._dicts)
+    def between(self, lo: int, hi: int) -> "Batch":
+        """The sub-batch of the actions with offsets in [lo, hi) (views, no copy)."""
+        lo, hi = max(lo, self.first_offset), min(hi, self.end_offset)
+        assert lo <= hi
+        if self._row_offsets is None:
+            start = self._start + lo - self.first_offset
+            stop = self._start + hi - self.first_offset
+        else:
+            start = int(np.searchsorted(self._row_offsets, lo))
+            stop = int(np.searchsorted(self._row_offsets, hi))
+        return Batch(self.shard, lo, hi, self.timestamp_ns, self._schema, self._types, self._cols,
+                     start, stop, self._dicts, self._row_offsets)
 
     def to_pylist(self) -> list[tuple[int, str, dict[str, Any]]]:
         """Every action as ``(offset, type name, {field: value})`` (slow; for tools and tests)."""
         out: list[tuple[int, str, dict[str, Any]]] = []
         types = self.types
+        offsets = self.all_offsets().tolist()
         per_type: dict[int, Iterator[dict[str, Any]]] = {}
         for t in set(types.tolist()):
             name = self._schema.type_by_id(t).name
             per_type[t] = iter(_columns_to_rows(self._schema[name], self.columns(name)))
         for i, t in enumerate(types.tolist()):
-            out.append((self.first_offset + i, self._schema.type_by_id(t).name, next(per_type[t])))
+            out.append((offsets[i], self._schema.type_by_id(t).name, next(per_type[t])))
         return out
 
 
@@ -379,6 +421,13 @@ def _default_column(at: Any, field: str, rows: int) -> np.ndarray | Var:
     return np.full(rows, default, dtype)
 
 
+def _ro(buf: Any, dtype: Any, count: int, offset: int) -> np.ndarray:
+    """A read-only view: a reader must never be able to write into the log."""
+    arr = np.frombuffer(buf, dtype, count, offset)
+    arr.flags.writeable = False
+    return arr
+
+
 def decode_frame(buf: Any, pos: int, shard: int, schema: "Schema", dicts: Mapping[str, Any],
                  path: str = "?") -> Batch:
     """View the (already CRC-checked) frame at ``pos`` as a Batch, checking every descriptor.
@@ -397,16 +446,25 @@ def decode_frame(buf: Any, pos: int, shard: int, schema: "Schema", dicts: Mappin
         raise bad("descriptor table exceeds the frame")
     cols: dict[int, dict[int, np.ndarray | Var]] = {}
     rows_by_type: dict[int, int] = {}
-    types = None
+    types = row_offsets = None
+    sparse = bool(h.flags & FLAG_SPARSE)
     for i in range(h.ncols):
         t, fidx, kind, rows, d_off, d_len, a_off, a_len, _ = _DESC.unpack_from(
             buf, pos + HEADER_BYTES + DESC_BYTES * i)
         if d_off % ALIGN or a_off % ALIGN or pos + d_off < body_lo or pos + d_off + d_len > end:
             raise bad(f"column {i} data is out of bounds")
         if fidx == TYPE_COLUMN_FIELD:
-            if kind != KIND_TYPES or rows != h.count or d_len != 2 * rows:
+            if kind != KIND_TYPES or d_len != 2 * rows or types is not None:
                 raise bad("type column has the wrong shape")
-            types = np.frombuffer(buf, "<u2", rows, pos + d_off)
+            types = _ro(buf, "<u2", rows, pos + d_off)
+            continue
+        if fidx == OFFSETS_FIELD:
+            if not sparse or kind != KIND_OFFSETS or d_len != 8 * rows or row_offsets is not None:
+                raise bad("offsets column has the wrong shape")
+            row_offsets = _ro(buf, "<i8", rows, pos + d_off)
+            if rows and (row_offsets[0] < h.first_offset or row_offsets[-1] >= h.first_offset + h.count
+                         or np.any(row_offsets[1:] <= row_offsets[:-1])):
+                raise bad("offsets column is not increasing within the frame")
             continue
         try:
             at = schema.type_by_id(t)
@@ -422,22 +480,27 @@ def decode_frame(buf: Any, pos: int, shard: int, schema: "Schema", dicts: Mappin
         if kind in (KIND_STRING, KIND_BYTES):
             if a_len != 4 * (rows + 1) or pos + a_off < body_lo or pos + a_off + a_len > end:
                 raise bad(f"column {i} offsets are out of bounds")
-            offs = np.frombuffer(buf, "<i4", rows + 1, pos + a_off)
+            offs = _ro(buf, "<i4", rows + 1, pos + a_off)
             if offs[0] != 0 or offs[-1] != d_len or (rows and np.any(offs[1:] < offs[:-1])):
                 raise bad(f"column {i} offsets are not monotonic within the data")
-            cols.setdefault(t, {})[fidx] = Var(offs, np.frombuffer(buf, np.uint8, d_len, pos + d_off))
+            cols.setdefault(t, {})[fidx] = Var(offs, _ro(buf, np.uint8, d_len, pos + d_off))
         else:
             dt = KIND_DTYPES.get(kind)
             if dt is None or d_len != dt.itemsize * rows:
                 raise bad(f"column {i} has {d_len} bytes for {rows} rows")
-            cols.setdefault(t, {})[fidx] = np.frombuffer(buf, dt, rows, pos + d_off)
+            cols.setdefault(t, {})[fidx] = _ro(buf, dt, rows, pos + d_off)
+    if sparse and row_offsets is None:
+        raise bad("sparse frame without an offsets column")
+    rows_total = h.count if row_offsets is None else len(row_offsets)
     if types is None:
-        if len(rows_by_type) > 1 or (rows_by_type and sum(rows_by_type.values()) != h.count):
+        if len(rows_by_type) > 1 or sum(rows_by_type.values()) != rows_total:
             raise bad("single-type frame with inconsistent row counts")
-        if not rows_by_type:
+        if not rows_by_type and not sparse:
             raise bad("frame has no columns")
     else:
         ids, counts = np.unique(types, return_counts=True)
-        if dict(zip(ids.tolist(), counts.tolist())) != {t: r for t, r in rows_by_type.items() if r}:
+        if (len(types) != rows_total or dict(zip(ids.tolist(), counts.tolist()))
+                != {t: r for t, r in rows_by_type.items() if r}):
             raise bad("type column disagrees with the child columns")
-    return Batch(shard, h.first_offset, h.count, h.timestamp_ns, schema, types, cols, 0, dicts)
+    return Batch(shard, h.first_offset, h.first_offset + h.count, h.timestamp_ns, schema, types,
+                 cols, 0, rows_total, dicts, row_offsets)

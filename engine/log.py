@@ -26,17 +26,20 @@ import os
 import threading
 import time
 from collections import defaultdict
-from typing import Any, Iterable, Iterator, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 
 from ._impl import load
 from .errors import ClosedError, IncompatibleSchemaError, LimitExceededError, LogError, ReadOnlyError
-from .frame import KIND_TYPES, TYPE_COLUMN_FIELD, Batch, ColumnSpec, Var, kind_of
+from .frame import KIND_TYPES, TYPE_COLUMN_FIELD, Batch, ColumnSpec, Var, kind_of, take_rows
 from .keys import KeyDictionary, var_to_strs
 from .limits import DEFAULT_LIMITS, Limits
 from .schema import ActionType, Schema, VarColumn
 from .shardlog import ShardLog
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .compaction import CompactionStats
 
 _keys = load("keys")
 
@@ -191,7 +194,7 @@ class Log:
                 for s in range(self.shards):
                     idx = order[bounds[s] : bounds[s + 1]]
                     if len(idx):
-                        parts.append((s, {f: _take(v, idx) for f, v in cols.items()}, len(idx)))
+                        parts.append((s, {f: take_rows(v, idx) for f, v in cols.items()}, len(idx)))
             for s, part, m in parts:
                 first = self._write_columns(s, at, type_id, part, m)
                 out[s] = range(first, first + m)
@@ -380,6 +383,32 @@ class Log:
                 for sl in self.shard_logs:
                     sl.retire_before(self.retention_bytes, self.retention_age_s, time.time_ns())
 
+    def compact(self) -> "CompactionStats":
+        """Rewrite sealed segments keeping the last action per key of last-write-wins types.
+
+        Offsets are preserved (readers skip the gaps); the open segment is left alone.
+        """
+        from .compaction import CompactionStats, compact_shard
+
+        self.flush()
+        total = CompactionStats()
+        with self._lock:
+            for sl in self.shard_logs:
+                st = compact_shard(sl, self.schema)
+                total.segments_rewritten += st.segments_rewritten
+                total.actions_dropped += st.actions_dropped
+                total.bytes_before += st.bytes_before
+                total.bytes_after += st.bytes_after
+        return total
+
+    def roll(self) -> None:
+        """Seal every shard's open segment now (compaction and retention act on sealed ones)."""
+        self._check_writable()
+        with self._lock:
+            self._flush_pending_locked()
+            for sl in self.shard_logs:
+                sl.roll()
+
     # -- reading ---------------------------------------------------------------------------
     def end_offset(self, shard: int = 0) -> int:
         """Offset the next action of ``shard`` gets (buffered dispatches not counted)."""
@@ -456,22 +485,6 @@ class Log:
 
 
 # -- helpers ---------------------------------------------------------------------------------
-def _take(v: Any, idx: np.ndarray) -> Any:
-    if isinstance(v, VarColumn):
-        return _var_take(v.offsets, v.data, idx)
-    return v[idx]
-
-
-def _var_take(offsets: np.ndarray, data: np.ndarray, idx: np.ndarray) -> VarColumn:
-    lens = (offsets[1:] - offsets[:-1])[idx]
-    new_off = np.zeros(len(idx) + 1, np.int32)
-    np.cumsum(lens, out=new_off[1:])
-    starts = offsets[:-1][idx]
-    # gather bytes: position of each output byte in the source
-    src = np.repeat(starts - new_off[:-1], lens) + np.arange(int(new_off[-1]), dtype=np.int64)
-    return VarColumn(new_off, data[src] if len(src) else np.empty(0, np.uint8))
-
-
 def _slice(v: Any, lo: int, hi: int) -> Any:
     if isinstance(v, (VarColumn, Var)):
         offs = v.offsets[lo : hi + 1]

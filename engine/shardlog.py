@@ -141,14 +141,14 @@ class ShardLog:
             fi = max(0, int(np.searchsorted(firsts, pos_off, side="right")) - 1)
             while fi < len(positions) and pos_off < end:
                 batch = self._frame(seg, int(positions[fi]), verify)
-                if batch.end_offset <= pos_off:
-                    fi += 1
-                    continue
-                skip = pos_off - batch.first_offset
-                take = min(batch.end_offset, end) - pos_off
-                yield batch if (skip == 0 and take == batch.count) else batch.slice(skip, take)
-                pos_off += take
                 fi += 1
+                if batch.end_offset <= pos_off:
+                    continue
+                if batch.first_offset < pos_off or batch.end_offset > end:
+                    batch = batch.between(pos_off, end)
+                pos_off = batch.end_offset
+                if batch.count:
+                    yield batch
             si += 1
 
     def _frame(self, seg: Segment, pos: int, verify: bool) -> Batch:

@@ -33,7 +33,7 @@ cdef extern from "crc32c.h" nogil:
 
 __all__ = [
     "crc32c", "scan_frames", "frame_header", "FRAME_MAGIC", "FRAME_VERSION", "FRAME_HEADER_BYTES",
-    "COLUMN_DESC_BYTES", "FRAME_ALIGN", "FRAME_FLAG_TYPE_COLUMN", "SCAN_END", "SCAN_BAD_MAGIC",
+    "COLUMN_DESC_BYTES", "FRAME_ALIGN", "FRAME_FLAG_TYPE_COLUMN", "FRAME_FLAG_SPARSE", "SCAN_END", "SCAN_BAD_MAGIC",
     "SCAN_BAD_VERSION", "SCAN_BAD_LENGTH", "SCAN_BAD_CRC", "SCAN_BAD_OFFSET", "SCAN_TRUNCATED",
 ]
 
@@ -43,7 +43,7 @@ cdef enum:
     _HEADER_BYTES = 64
     _DESC_BYTES = 32
     _ALIGN = 64
-    _FLAGS_KNOWN = 1  # bit 0: a type column is present
+    _FLAGS_KNOWN = 3  # bit 0: a type column is present; bit 1: sparse (compacted) rows
     _RESERVED_AT = 40  # bytes [40, 64) of the header must be zero
     _END = 0
     _BAD_MAGIC = 1
@@ -59,7 +59,8 @@ FRAME_VERSION = _VERSION
 FRAME_HEADER_BYTES = _HEADER_BYTES
 COLUMN_DESC_BYTES = _DESC_BYTES
 FRAME_ALIGN = _ALIGN
-FRAME_FLAG_TYPE_COLUMN = _FLAGS_KNOWN
+FRAME_FLAG_TYPE_COLUMN = 1
+FRAME_FLAG_SPARSE = 2
 SCAN_END = _END  # reached `end`, or unwritten (all-zero) space at the stop position
 SCAN_BAD_MAGIC = _BAD_MAGIC
 SCAN_BAD_VERSION = _BAD_VERSION  # also unknown flags or non-zero reserved bytes

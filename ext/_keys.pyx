@@ -1,38 +1,26 @@
 """Int64 key interning and stable shard routing; the reference twin is engine/_keys_py.py.
 
-Design
-------
-``Int64Interner`` gives each distinct int64 key a dense id 0, 1, 2, ... in first-appearance
-order. It keeps two structures:
-
-* ``key_at``: the keys in id order (grows by doubling). Ids, ``keys()`` and ``key_of`` read
-  only this array.
-* ``slots``: an open-addressing table (linear probing, power-of-two size, load <= 0.5) of
-  (key, id + 1) pairs. ``ref == 0`` marks an empty slot, so calloc'd memory is an empty table.
-  A probe starts at splitmix64(key ^ seed). The seed is random for each interner, so crafted
-  keys cannot pile into one probe run. It changes only the layout, never an id.
-
-Invariant (it makes ``extend`` atomic): the table always equals the result of inserting
-key_at[0..n) in order into an empty table of its size. A resize re-inserts in id order, and
-the only deletion is undoing the newest inserts in reverse order, which restores the earlier
-table exactly.
-
-Threads: the array loops run without the GIL. A call that releases it sets ``busy`` and holds
-``lock``; every other call waits on ``lock`` first. Concurrent use is therefore safe and
-serialised, like a dict under the GIL.
-
+Design. ``Int64Interner`` keeps ``key_at`` (keys in id order: the truth for ids, ``keys()``,
+``key_of``) and ``slots``: open addressing, linear probing, power-of-two size, load <= 0.5,
+(key, id + 1) pairs with ``ref == 0`` for empty, so calloc'd memory is an empty table. Probes
+start at splitmix64(key ^ seed); the seed is random per interner so crafted keys cannot pile
+into one probe run, and it changes the layout only, never an id. Bulk loops prefetch the
+slot of the key PREFETCH_AHEAD positions on: on a big table the cache misses dominate.
+``extend`` is atomic: it reserves room first (nothing resizes while it inserts) and on a
+duplicate removes its own inserts newest first; with linear probing and no deletions in
+between, each removal restores the table exactly as it was before that insert.
+Threads: bulk loops run without the GIL. Such a call sets ``busy`` and holds ``lock``, and
+every other call waits for it, so concurrent use is safe and serialised, like a dict.
 Routing (``splitmix64``, ``hash_bytes``, ``shard_of_*``) is a pure function of the key's bytes
-and must never change: a change moves keys to other shards. Golden values in the tests pin it.
+and must never change: a change moves keys to other shards. Tests pin golden values.
 """
 
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_Check, PyBytes_GET_SIZE
 from cpython.long cimport PyLong_Check
 from cpython.number cimport PyNumber_Index
-from cpython.pythread cimport (
-    WAIT_LOCK, PyThread_acquire_lock, PyThread_allocate_lock, PyThread_free_lock,
-    PyThread_release_lock, PyThread_type_lock,
-)
+from cpython.pythread cimport WAIT_LOCK, PyThread_acquire_lock, PyThread_release_lock
+from cpython.pythread cimport PyThread_allocate_lock, PyThread_free_lock, PyThread_type_lock
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize, PyUnicode_Check
 from libc.stdint cimport INT32_MAX, int32_t, int64_t, uint8_t, uint64_t
 from libc.stdlib cimport calloc, free, realloc
@@ -43,10 +31,8 @@ import os
 
 import numpy as np
 
-__all__ = [
-    "Int64Interner", "splitmix64", "hash_bytes",
-    "shard_of_ints", "shard_of_int", "shard_of_strs", "shard_of_str",
-]
+__all__ = ["Int64Interner", "splitmix64", "hash_bytes",
+           "shard_of_ints", "shard_of_int", "shard_of_strs", "shard_of_str"]
 
 cdef extern from *:
     """
@@ -201,15 +187,6 @@ def shard_of_strs(values, shards):
     return out
 
 
-cdef Py_ssize_t _first_decrease(const int32_t[:] off) noexcept nogil:
-    """First i with off[i] < off[i - 1], or -1."""
-    cdef Py_ssize_t i
-    for i in range(1, off.shape[0]):
-        if off[i] < off[i - 1]:
-            return i
-    return -1
-
-
 cdef _shard_of_arrow(offsets, data, uint64_t s):
     off_arr = np.asarray(offsets)
     if off_arr.dtype != np.int32:
@@ -218,8 +195,12 @@ cdef _shard_of_arrow(offsets, data, uint64_t s):
         raise ValueError(f"offsets must be 1-D with n + 1 >= 1 entries, got shape {off_arr.shape}")
     cdef const int32_t[:] off = off_arr
     cdef const uint8_t[::1] buf = _byte_view(data, "data")
-    cdef Py_ssize_t i, n = off.shape[0] - 1
-    cdef Py_ssize_t bad = _first_decrease(off)
+    cdef Py_ssize_t i, n = off.shape[0] - 1, bad = 0
+    with nogil:
+        for i in range(1, n + 1):
+            if off[i] < off[i - 1]:
+                bad = i
+                break
     if off[0] < 0:
         raise ValueError(f"offsets[0] = {off[0]} is negative")
     if bad > 0:
@@ -257,27 +238,26 @@ cdef class Int64Interner:
     cdef uint64_t mask
     cdef uint64_t seed          # xor-ed into each key before mixing
     cdef int64_t* key_at        # key_at[id] = key for id < n
-    cdef Py_ssize_t n           # keys interned; only grows (extend's undo restores it)
+    cdef Py_ssize_t n           # keys interned; shrinks only when extend undoes its own keys
     cdef Py_ssize_t keys_max    # entries allocated in key_at
     cdef bint busy              # a call is running without the GIL; others wait on lock
     cdef PyThread_type_lock lock
 
-    def __cinit__(self, capacity_obj=1024, *, seed=None):
-        cdef int64_t capacity = _int64(capacity_obj)
-        if capacity < 0 or capacity > CAPACITY_MAX:
-            raise ValueError(f"capacity must be between 0 and {CAPACITY_MAX} keys, got {capacity}")
+    def __cinit__(self, capacity=1024, *, seed=None):
+        cdef int64_t keys = _int64(capacity)
+        cdef uint64_t size = 16
+        if keys < 0 or keys > CAPACITY_MAX:
+            raise ValueError(f"capacity must be between 0 and {CAPACITY_MAX} keys, got {keys}")
         seed = int.from_bytes(os.urandom(8), "little") if seed is None else operator.index(seed)
         self.seed = <uint64_t>(seed & 0xFFFFFFFFFFFFFFFF)
-        cdef uint64_t size = 16
-        while size < 2 * <uint64_t>capacity:
+        while size < 2 * <uint64_t>keys:
             size *= 2
-        self.keys_max = max(capacity, 8)
-        self.slots = <Slot*>calloc(size, sizeof(Slot))
+        self.slots, self.mask = <Slot*>calloc(size, sizeof(Slot)), size - 1
+        self.keys_max = max(keys, 8)
         self.key_at = <int64_t*>realloc(NULL, self.keys_max * sizeof(int64_t))
         self.lock = PyThread_allocate_lock()
         if self.slots == NULL or self.key_at == NULL or self.lock == NULL:
-            raise MemoryError(f"Int64Interner: cannot allocate room for {capacity} keys")
-        self.mask = size - 1
+            raise MemoryError(f"Int64Interner: cannot allocate room for {keys} keys")
 
     def __dealloc__(self):
         free(self.slots)
@@ -294,6 +274,11 @@ cdef class Int64Interner:
             i = (i + 1) & self.mask
         return <Py_ssize_t>i
 
+    cdef inline void _prefetch(self, const int64_t[:] v, Py_ssize_t i) noexcept nogil:
+        if i + PREFETCH_AHEAD < v.shape[0]:
+            ENGINE_PREFETCH(&self.slots[_mix(<uint64_t>v[i + PREFETCH_AHEAD] ^ self.seed)
+                                        & self.mask])
+
     cdef int _reserve(self, Py_ssize_t keys_needed) noexcept nogil:
         """Room for keys_needed keys at load <= 0.5: 0, or -1 when out of memory."""
         cdef Py_ssize_t m, id, i
@@ -306,7 +291,7 @@ cdef class Int64Interner:
             if grown == NULL:
                 return -1
             self.key_at, self.keys_max = grown, m
-        if <uint64_t>keys_needed <= size:
+        if 2 * <uint64_t>keys_needed <= size:
             return 0
         while 2 * <uint64_t>keys_needed > size:
             size *= 2
@@ -315,7 +300,7 @@ cdef class Int64Interner:
             return -1
         free(self.slots)
         self.slots, self.mask = table, size - 1
-        for id in range(self.n):   # in id order: keeps the invariant of the design note
+        for id in range(self.n):
             i = self._find(self.key_at[id])
             self.slots[i].key, self.slots[i].ref = self.key_at[id], id + 1
         return 0
@@ -334,29 +319,9 @@ cdef class Int64Interner:
         self.n += 1
         return self.n - 1
 
-    cdef int _intern_all(self, const int64_t[:] v, int64_t[::1] ids) noexcept nogil:
-        cdef Py_ssize_t i, n = v.shape[0]
-        for i in range(n):
-            if i + PREFETCH_AHEAD < n:
-                ENGINE_PREFETCH(&self.slots[_mix(<uint64_t>v[i + PREFETCH_AHEAD] ^ self.seed)
-                                            & self.mask])
-            ids[i] = self._intern_key(v[i])
-            if ids[i] < 0:
-                return -1
-        return 0
-
-    cdef void _lookup_all(self, const int64_t[:] v, int64_t[::1] ids) noexcept nogil:
-        cdef Py_ssize_t i, n = v.shape[0]
-        for i in range(n):
-            if i + PREFETCH_AHEAD < n:
-                ENGINE_PREFETCH(&self.slots[_mix(<uint64_t>v[i + PREFETCH_AHEAD] ^ self.seed)
-                                            & self.mask])
-            ids[i] = self.slots[self._find(v[i])].ref - 1   # empty slot: -1
-        return
-
-    cdef Py_ssize_t _extend_all(self, const int64_t[:] v, int64_t* dup_id) noexcept nogil:
+    cdef Py_ssize_t _extend(self, const int64_t[:] v, int64_t* dup_id) noexcept nogil:
         """Append v's keys: -1 done, -2 out of memory, else the position of the first
-        duplicate (its id in dup_id). On failure every key of this call is undone."""
+        duplicate (its id in dup_id), after undoing every key this call added."""
         cdef Py_ssize_t i, s, n0 = self.n
         if self._reserve(n0 + v.shape[0]) < 0:
             return -2
@@ -373,16 +338,10 @@ cdef class Int64Interner:
             self.n += 1
         return -1
 
-    cdef Py_ssize_t _first_bad_id(self, const int64_t[:] ids) noexcept nogil:
-        cdef Py_ssize_t i
-        for i in range(ids.shape[0]):
-            if ids[i] < 0 or ids[i] >= self.n:
-                return i
-        return -1
-
     # -- thread guard (under the GIL) ---------------------------------------------------------
 
-    cdef inline void _wait_idle(self):
+    cdef inline void _idle(self):
+        """Return once no call on this interner runs without the GIL."""
         while self.busy:
             with nogil:
                 PyThread_acquire_lock(self.lock, WAIT_LOCK)
@@ -390,7 +349,7 @@ cdef class Int64Interner:
 
     cdef inline void _enter(self):
         """Claim the interner before releasing the GIL."""
-        self._wait_idle()
+        self._idle()
         self.busy = True
         PyThread_acquire_lock(self.lock, WAIT_LOCK)  # held at most an instant by a waiter
 
@@ -405,10 +364,16 @@ cdef class Int64Interner:
         cdef const int64_t[:] v = _int64_vector(values, "values")
         out = np.empty(v.shape[0], dtype=np.int64)
         cdef int64_t[::1] ids = out
-        cdef int failed
+        cdef Py_ssize_t i
+        cdef bint failed = False
         self._enter()
         with nogil:
-            failed = self._intern_all(v, ids)
+            for i in range(v.shape[0]):
+                self._prefetch(v, i)
+                ids[i] = self._intern_key(v[i])
+                if ids[i] < 0:   # out of memory; the keys before i stay interned
+                    failed = True
+                    break
         self._leave()
         if failed:
             raise MemoryError(f"Int64Interner: out of memory growing past {self.n} keys")
@@ -419,17 +384,19 @@ cdef class Int64Interner:
         cdef const int64_t[:] v = _int64_vector(values, "values")
         out = np.empty(v.shape[0], dtype=np.int64)
         cdef int64_t[::1] ids = out
+        cdef Py_ssize_t i
         self._enter()
         with nogil:
-            self._lookup_all(v, ids)
+            for i in range(v.shape[0]):
+                self._prefetch(v, i)
+                ids[i] = self.slots[self._find(v[i])].ref - 1   # empty slot: -1
         self._leave()
         return out
 
     def intern_one(self, key):
         """The id of one key, added if unseen."""
         cdef int64_t k = _int64(key)
-        if self.busy:
-            self._wait_idle()
+        self._idle()
         cdef int64_t id = self._intern_key(k)
         if id < 0:
             raise MemoryError(f"Int64Interner: out of memory growing past {self.n} keys")
@@ -438,8 +405,7 @@ cdef class Int64Interner:
     def get(self, key, default=-1):
         """The id of one key, or ``default`` if unseen."""
         cdef int64_t k = _int64(key), d = _int64(default)
-        if self.busy:
-            self._wait_idle()
+        self._idle()
         cdef int64_t ref = self.slots[self._find(k)].ref
         return ref - 1 if ref != 0 else d
 
@@ -451,21 +417,18 @@ cdef class Int64Interner:
         cdef int64_t dup_id = -1
         self._enter()
         with nogil:
-            bad = self._extend_all(v, &dup_id)
+            bad = self._extend(v, &dup_id)
         self._leave()
         if bad == -2:
             raise MemoryError(f"Int64Interner: out of memory growing to {n0 + v.shape[0]} keys")
-        if bad >= 0 and dup_id < n0:
-            raise ValueError(f"extend(): key {v[bad]} at position {bad} is already interned "
-                             f"(id {dup_id}); nothing was added")
         if bad >= 0:
-            raise ValueError(f"extend(): key {v[bad]} at position {bad} repeats position "
-                             f"{dup_id - n0}; nothing was added")
+            why = (f"is already interned (id {dup_id})" if dup_id < n0
+                   else f"repeats position {dup_id - n0}")
+            raise ValueError(f"extend(): key {v[bad]} at position {bad} {why}; nothing was added")
 
     def keys(self):
         """A copy of the keys in id order (int64)."""
-        if self.busy:
-            self._wait_idle()
+        self._idle()
         out = np.empty(self.n, dtype=np.int64)
         cdef int64_t[::1] o = out
         if self.n:
@@ -477,31 +440,30 @@ cdef class Int64Interner:
         cdef const int64_t[:] v = _int64_vector(ids, "ids")
         out = np.empty(v.shape[0], dtype=np.int64)
         cdef int64_t[::1] o = out
-        cdef Py_ssize_t i, bad
+        cdef Py_ssize_t i, bad = -1
         self._enter()
         with nogil:
-            bad = self._first_bad_id(v)
-            if bad < 0:
-                for i in range(v.shape[0]):
-                    o[i] = self.key_at[v[i]]
+            for i in range(v.shape[0]):
+                if v[i] < 0 or v[i] >= self.n:
+                    bad = i
+                    break
+                o[i] = self.key_at[v[i]]
         self._leave()
         if bad >= 0:
             raise IndexError(f"ids[{bad}] = {v[bad]} is out of range for {self.n} keys")
         return out
 
     def __len__(self):
-        if self.busy:
-            self._wait_idle()
+        self._idle()
         return self.n
 
     def __contains__(self, key):
         cdef int64_t k
-        key = operator.index(key)   # TypeError for non-integers
-        if key < -0x8000000000000000 or key > 0x7FFFFFFFFFFFFFFF:
-            return False
-        k = key
-        if self.busy:
-            self._wait_idle()
+        try:
+            k = _int64(key)   # TypeError for non-integers
+        except OverflowError:
+            return False      # no key lies outside int64
+        self._idle()
         return self.slots[self._find(k)].ref != 0
 
     def __repr__(self):

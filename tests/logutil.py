@@ -12,7 +12,9 @@ import engine as en
 LIKE = en.ActionType("like", {"user": en.key("user"), "photo": en.key("photo"), "ts": en.timestamp},
                      partition="user")
 POST = en.ActionType("post", {"user": en.key("user"), "caption": en.string}, partition="user")
-TYPES = [LIKE, POST]
+PROFILE = en.ActionType("profile", {"user": en.key("user"), "name": en.string}, partition="user",
+                        last_write_wins=True)
+TYPES = [LIKE, POST, PROFILE]
 SMALL = en.Limits(segment_bytes=64 << 10, dispatch_buffer_actions=64)
 
 
@@ -22,7 +24,8 @@ def read_all(log: en.Log, shard: int, start: int = 0, stop: int | None = None) -
     for b in log.read(shard, start, stop):
         for off, name, vals in b.to_pylist():
             user = log.dicts["user"].key_of(np.array([vals["user"]]))[0]
-            content = vals["ts"] if name == "like" else vals["caption"]
+            content = {"like": "ts", "post": "caption", "profile": "name"}[name]
+            content = vals[content]
             out.append((off, name, int(user), content))
     return out
 

@@ -217,7 +217,7 @@ F2 = LOG_POS[2]  # the damaged frame below; frames 0 and 1 stay valid
 @pytest.mark.parametrize("buf, status", [
     (damaged(F2, b"ENGG"), twin.SCAN_BAD_MAGIC),
     (damaged(F2 + 4, b"\x02"), twin.SCAN_BAD_VERSION),
-    (damaged(F2 + 6, b"\x02"), twin.SCAN_BAD_VERSION),  # unknown flag
+    (damaged(F2 + 6, b"\x04"), twin.SCAN_BAD_VERSION),  # unknown flag
     (damaged(F2 + 63, b"\x01"), twin.SCAN_BAD_VERSION),  # reserved byte
     (damaged(F2 + 8, struct.pack("<I", 64 * 5 + 1)), twin.SCAN_BAD_LENGTH),  # not a multiple
     (damaged(F2 + 8, struct.pack("<I", 0)), twin.SCAN_BAD_LENGTH),

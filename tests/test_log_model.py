@@ -76,15 +76,18 @@ class LogMachine(RuleBasedStateMachine):
         for s, r in got.items():
             assert r.stop == len(self.model[s])
 
-    @rule(user=st.integers(-5, 40), kind=st.sampled_from(["like", "post"]))
+    @rule(user=st.integers(-5, 40), kind=st.sampled_from(["like", "post", "profile"]))
     def dispatch(self, user: int, kind: str) -> None:
         (i,) = self._ids(1).tolist()
         if kind == "like":
             off = self.log.dispatch("like", user=user, photo=i % 97, ts=i)
             row = ("like", user, i)
-        else:
+        elif kind == "post":
             off = self.log.dispatch("post", user=user, caption=f"c{i}")
             row = ("post", user, f"c{i}")
+        else:
+            off = self.log.dispatch("profile", user=user, name=f"n{i}")
+            row = ("profile", user, f"n{i}")
         s = self.log.shard_of(kind, user)
         assert off == len(self.model[s]) + sum(1 for ps, _ in self.pending if ps == s)
         self.pending.append((s, row))
@@ -103,6 +106,21 @@ class LogMachine(RuleBasedStateMachine):
             self._settle_pending()
             for sl in self.log.shard_logs:
                 sl.roll()
+
+    @rule()
+    def compact(self) -> None:
+        self.log.compact()
+        self._settle_pending()  # compact flushes first
+        for s, rows in enumerate(self.model):
+            sealed_end = self.log.shard_logs[s].segments[-1].base
+            newest: dict[int, int] = {}
+            for off, row in enumerate(rows):
+                if row is not None and row[0] == "profile":
+                    newest[row[1]] = off
+            for off in range(sealed_end):
+                row = rows[off]
+                if row is not None and row[0] == "profile" and newest[row[1]] != off:
+                    rows[off] = None
 
     @rule()
     def crash_and_reopen(self) -> None:
@@ -134,7 +152,7 @@ class LogMachine(RuleBasedStateMachine):
         start = data.draw(st.integers(0, n))
         stop = data.draw(st.integers(start, n + 3))
         got = read_all(self.log, s, start, stop)
-        want = [(start + k, *row) for k, row in enumerate(self.model[s][start:stop])]
+        want = [(start + k, *row) for k, row in enumerate(self.model[s][start:stop]) if row is not None]
         assert got == want
 
     @invariant()
@@ -152,7 +170,7 @@ class LogMachine(RuleBasedStateMachine):
         # compare everything written so far
         for s in range(self.shards):
             got = read_all(self.log, s)
-            want_written = [(k, *row) for k, row in enumerate(self.model[s])]
+            want_written = [(k, *row) for k, row in enumerate(self.model[s]) if row is not None]
             assert got[: len(want_written)] == want_written
 
 
