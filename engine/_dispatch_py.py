@@ -25,6 +25,7 @@ bad arguments with the same words.
 from __future__ import annotations
 
 import operator
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -54,9 +55,8 @@ RANGES["timestamp"] = (_INT64_MIN + 1, _INT64_MAX)  # INT64_MIN is NaT
 RANGES["key_int"] = (_INT64_MIN, _INT64_MAX)
 DTYPES = {k: np.dtype(k) for k in KINDS[:10]}
 DTYPES.update(bool=np.dtype(np.bool_), timestamp=np.dtype(np.int64), key_int=np.dtype(np.int64))
-_PY_TYPE = dict.fromkeys(_INT_KINDS, "int")
-_PY_TYPE.update(float32="float", float64="float", bool="bool", string="str", key_str="str")
-_PY_TYPE.update(bytes="bytes")
+_PY_TYPE = dict.fromkeys(_INT_KINDS, int)  # the one type add() takes for the kind
+_PY_TYPE.update(float32=float, float64=float, bool=bool, string=str, key_str=str, bytes=bytes)
 
 TypeSpec = tuple[int, Sequence[str], int]
 
@@ -129,15 +129,17 @@ def check_fallback(fallback: Any, string_bytes_max: Any) -> int:
     return n
 
 
-def row_error(bad_type: bool, i: int, tid: int, kind: str, value: Any) -> Exception:
+def row_error(i: int, tid: int, kind: str, value: Any) -> Exception:
     """add() got a row that ActionType.validate_one cannot have returned."""
     todo = "pass the row ActionType.validate_one returns"
-    if bad_type:
+    if type(value) is not _PY_TYPE[kind]:
         return TypeError(
             f"add(): value {i} of a type {tid} row is {type(value).__name__}, not "
-            f"{_PY_TYPE[kind]} ({kind}); {todo}"
+            f"{_PY_TYPE[kind].__name__} ({kind}); {todo}"
         )
-    return ValueError(f"add(): value {i} of a type {tid} row, {value!r}, does not fit {kind}; {todo}")
+    return ValueError(
+        f"add(): value {i} of a type {tid} row, {value!r}, does not fit {kind}; {todo}"
+    )
 
 
 def unknown_type(type_id: Any, known: Sequence[int]) -> ValueError:
@@ -157,46 +159,29 @@ def _cast(value: int | float, dtype: np.dtype) -> float:
         return float(np.asarray(value).astype(dtype))
 
 
-def _fast_value(kind: str, v: Any, rng: tuple[int, int] | None, str_max: int) -> tuple[bool, Any]:
-    """(True, stored value) if the fast path takes ``v`` as it is, else (False, None)."""
+def _value(kind: str, v: Any, rng: tuple[int, int] | None, fast: bool, size_max: int
+           ) -> tuple[bool, Any]:
+    """(True, stored value) if ``v`` passes as it is, else (False, None). ``fast``: the
+    dispatcher's check (ints for floats too); else add()'s (``rng`` is the kind's)."""
     if rng is not None:
         return (type(v) is int and rng[0] <= v <= rng[1]), v
     if kind in ("float32", "float64"):
         if type(v) is float:
             x = v if kind == "float64" else _cast(v, DTYPES[kind])
             return not (np.isinf(x) and np.isfinite(v)), x
-        if type(v) is int and _INT64_MIN <= v <= _INT64_MAX:
+        if fast and type(v) is int and _INT64_MIN <= v <= _INT64_MAX:
             return True, _cast(np.int64(v), DTYPES[kind])
         return False, None
     if kind == "bool":
         return (v is True or v is False), v
     if kind == "bytes":
-        return (type(v) is bytes and len(v) <= str_max), v
+        return (type(v) is bytes and len(v) <= size_max), v
     if type(v) is not str:
         return False, None
     try:
-        return len(v.encode("utf-8")) <= str_max, v
+        return len(v.encode("utf-8")) <= size_max, v
     except UnicodeEncodeError:
         return False, None
-
-
-def _valid_value(tid: int, i: int, kind: str, v: Any) -> Any:
-    """The stored form of a value of a validated row; TypeError/ValueError if it cannot be."""
-    if kind in _INT_KINDS:
-        ok_type, ok = type(v) is int, type(v) is int and RANGES[kind][0] <= v <= RANGES[kind][1]
-    elif kind in ("float32", "float64"):
-        ok_type = type(v) is float
-        x = _cast(v, DTYPES[kind]) if ok_type else 0.0
-        ok = ok_type and not (np.isinf(x) and np.isfinite(v))
-        if ok:
-            return x
-    elif kind == "bool":
-        ok_type = ok = v is True or v is False
-    else:
-        ok_type = ok = type(v) is (bytes if kind == "bytes" else str)
-    if not ok:
-        raise row_error(not ok_type, i, tid, kind, v)
-    return v
 
 
 # ---- the buffer -------------------------------------------------------------------------------
@@ -282,8 +267,13 @@ class RowBuffer:
             raise ValueError(
                 f"add(): type {tid} has {len(kinds)} fields but the row has {len(row)} values"
             )
-        return self._append(tid, tuple(_valid_value(tid, i, k, v) for i, (k, v) in
-                                       enumerate(zip(kinds, row))))
+        out = []
+        for i, (kind, v) in enumerate(zip(kinds, row)):
+            ok, x = _value(kind, v, RANGES.get(kind), False, sys.maxsize)
+            if not ok:
+                raise row_error(i, tid, kind, v)
+            out.append(x)
+        return self._append(tid, tuple(out))
 
     def add(self, type_id: int, row: tuple) -> tuple[int, int]:
         """Buffer a validated row; returns (shard, index in the shard's buffer)."""
@@ -365,7 +355,7 @@ class Dispatcher:
         row = []
         if len(values) == len(self._plan):
             for (kind, rng), v in zip(self._plan, values):
-                ok, x = _fast_value(kind, v, rng, self._str_max)
+                ok, x = _value(kind, v, rng, True, self._str_max)
                 if not ok:
                     break
                 row.append(x)

@@ -5,7 +5,8 @@ interner, Python ints for scalar hashes and numpy for array hashes. It is also t
 (``ENGINE_NO_EXTENSIONS=1``). Every public function returns what the native one returns and
 raises the same exception types, with the same messages for bad input. There is one
 exception: the messages for integers that do not fit in int64 (OverflowError) come from
-Cython in the native module.
+Cython in the native module. The checks of array arguments (``_int64_vector``, ``_byte_view``,
+``_arrow_layout``) are shared: the native module imports them from here.
 """
 
 from __future__ import annotations
@@ -152,7 +153,7 @@ def shard_of_strs(values: Any, shards: int) -> np.ndarray:
         and len(values) == 2
         and not isinstance(values[0], (str, bytes))
     ):
-        return _shard_of_arrow(values[0], values[1], s)
+        return _shard_of_arrow(*_arrow_layout(values[0], values[1]), s)
     if isinstance(values, (str, bytes)):
         raise TypeError("values must be a sequence of keys; for one key use shard_of_str()")
     seq = list(values)
@@ -162,7 +163,8 @@ def shard_of_strs(values: Any, shards: int) -> np.ndarray:
     return out
 
 
-def _shard_of_arrow(offsets: Any, data: Any, s: int) -> np.ndarray:
+def _arrow_layout(offsets: Any, data: Any) -> tuple[np.ndarray, memoryview]:
+    """Checked Arrow string layout: (int32 offsets of n + 1 entries, unsigned-byte view)."""
     off = np.asarray(offsets)
     if off.dtype != np.int32:
         raise TypeError(f"offsets must be an int32 array (Arrow layout), got dtype {off.dtype}")
@@ -172,7 +174,7 @@ def _shard_of_arrow(offsets: Any, data: Any, s: int) -> np.ndarray:
     n = off.shape[0] - 1
     if off[0] < 0:
         raise ValueError(f"offsets[0] = {off[0]} is negative")
-    drops = np.flatnonzero(np.diff(off) < 0)
+    drops = np.flatnonzero(off[1:] < off[:-1])
     if drops.size:
         bad = int(drops[0]) + 1
         raise ValueError(
@@ -181,20 +183,16 @@ def _shard_of_arrow(offsets: Any, data: Any, s: int) -> np.ndarray:
         )
     if off[n] > buf.nbytes:
         raise ValueError(f"offsets[{n}] = {off[n]} is past the end of data ({buf.nbytes} bytes)")
+    return off, buf
+
+
+def _shard_of_arrow(off: np.ndarray, buf: memoryview, s: int) -> np.ndarray:
     bounds = off.tolist()
-    return np.array(
-        [_mix(_fnv1a(buf[bounds[i] : bounds[i + 1]])) % s for i in range(n)], dtype=np.int32
-    )
+    hashes = [_mix(_fnv1a(buf[bounds[i] : bounds[i + 1]])) for i in range(len(bounds) - 1)]
+    return np.array([h % s for h in hashes], dtype=np.int32)
 
 
 # ---- the interner -----------------------------------------------------------------------------
-
-
-def _restore_interner(keys: np.ndarray) -> Int64Interner:
-    """Unpickle: a fresh interner holding ``keys`` in id order."""
-    interner = Int64Interner(len(keys))
-    interner.extend(keys)
-    return interner
 
 
 class Int64Interner:
@@ -292,5 +290,8 @@ class Int64Interner:
     def __repr__(self) -> str:
         return f"Int64Interner(<{len(self)} keys>)"
 
-    def __reduce__(self) -> tuple[Any, tuple[np.ndarray]]:
-        return _restore_interner, (self.keys(),)
+    def __reduce__(self) -> tuple[Any, tuple[int], np.ndarray]:
+        return Int64Interner, (len(self),), self.keys()  # pickle: the keys in id order
+
+    def __setstate__(self, keys: np.ndarray) -> None:
+        self.extend(keys)

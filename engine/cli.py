@@ -74,6 +74,24 @@ def _cmd_tail(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_replay(args: argparse.Namespace) -> int:
+    import time
+
+    from .app import load_stores, replay
+
+    t = time.perf_counter()
+    app = replay(args.dir, load_stores(args.stores), progress=not args.quiet)
+    secs = time.perf_counter() - t
+    n = sum(app.log.end_offset(s) for s in range(app.log.shards))
+    for name, st in app.status().items():
+        print(f"{name}: {st['state']} at offsets {st['offsets']}"
+              + (f" — FAILED at {st['failed_at']}: {st['error']}" if st["error"] else ""))
+    print(f"replayed {n:,} actions in {secs:.2f} s ({n / max(secs, 1e-9) / 1e6:.1f}M actions/s)")
+    app.close()
+    app.log.close()
+    return 0
+
+
 def _cmd_bench_report(args: argparse.Namespace) -> int:
     from .benchreport import report
 
@@ -111,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--start", type=int, default=None, help="offset to start at (default: the end)")
     t.add_argument("--limit", type=int, default=None, help="stop after this many actions")
     t.set_defaults(func=_cmd_tail)
+
+    rp = sub.add_parser("replay", help="rebuild stores from a data directory (shards in parallel)")
+    rp.add_argument("dir")
+    rp.add_argument("--stores", required=True, help="module:attr giving a list of engine.Store")
+    rp.add_argument("--quiet", action="store_true", help="no progress bar")
+    rp.set_defaults(func=_cmd_replay)
 
     b = sub.add_parser("bench", help="benchmark tools")
     bsub = b.add_subparsers(dest="bench_cmd", required=True)

@@ -150,12 +150,15 @@ class Log:
     # -- routing ---------------------------------------------------------------------------
     def shard_of(self, type_name: str, key: Any) -> int:
         """The shard an action of ``type_name`` with partition key ``key`` goes to."""
+        self.schema[type_name]  # unknown types raise
+        return self.shard_of_key(key)
+
+    def shard_of_key(self, key: Any) -> int:
+        """The shard of a raw partition key (a stable hash; never Python's ``hash``)."""
         if self.shards == 1:
             return 0
-        at = self.schema[type_name]
         if isinstance(key, (str, bytes)):
             return int(_keys.shard_of_str(key, self.shards))
-        del at
         return int(_keys.shard_of_int(int(key), self.shards))
 
     def _route(self, at: ActionType, cols: Mapping[str, Any], n: int) -> np.ndarray | None:

@@ -29,3 +29,53 @@ def likes(n: int, users: int, photos: int, seed: int, t0_ns: int = 1_700_000_000
         "photo": zipf_keys(n, photos, seed + 2, s=1.1),
         "ts": t0_ns + np.cumsum(rng.integers(1_000, 100_000, n, dtype=np.int64)),
     }
+
+
+WORDS = ("sunset beach dog cat city night food coffee mountain lake friends party art street "
+         "travel summer winter snow rain flower garden music concert book library bike run "
+         "sea boat bridge tower market bread pizza tea forest road train portrait smile").split()
+
+
+def captions(n: int, seed: int, words: int = 4) -> list[str]:
+    """``n`` captions of ``words`` words drawn Zipf-ishly from a small vocabulary."""
+    idx = zipf_keys(n * words, len(WORDS), seed, s=0.9).reshape(n, words)
+    vocab = np.array(WORDS, dtype=object)
+    return [" ".join(row) for row in vocab[idx].tolist()]
+
+
+def photo_app(n: int, users: int, seed: int, t0_ns: int = 1_700_000_000_000_000_000
+              ) -> list[tuple[str, dict[str, object]]]:
+    """The photo-sharing workload, as chunks ``(type, columns)`` in append order.
+
+    Mix: 70 % likes, 12 % follows, 10 % comments, 5 % posts (each with its caption), 3 % tags
+    (caption tokens → photo, what a derivation will emit). Popularity is Zipf everywhere.
+    """
+    rng = np.random.default_rng(seed)
+    n_post = max(1, n // 20)
+    n_follow = n * 12 // 100
+    n_comment = n // 10
+    n_like = n - n_post - n_follow - n_comment
+    photos = n_post
+    author = zipf_keys(n_post, users, seed + 1, s=0.9)
+    post_ts = t0_ns + np.sort(rng.integers(0, 10**12, n_post))
+    caps = captions(n_post, seed + 2)
+    tokens: list[str] = []
+    tag_photo: list[int] = []
+    for pid, c in enumerate(caps):
+        for w in dict.fromkeys(c.split()):
+            tokens.append(w)
+            tag_photo.append(pid)
+    chunks: list[tuple[str, dict[str, object]]] = [
+        ("post", {"user": author, "photo": np.arange(n_post, dtype=np.int64), "caption": caps,
+                  "ts": post_ts}),
+        ("tag", {"token": tokens, "photo": np.array(tag_photo, np.int64)}),
+        ("follow", {"user": zipf_keys(n_follow, users, seed + 3, s=0.6),
+                    "target": zipf_keys(n_follow, users, seed + 4, s=1.1)}),
+        ("like", {"user": zipf_keys(n_like, users, seed + 5, s=0.8),
+                  "photo": zipf_keys(n_like, photos, seed + 6, s=1.1),
+                  "ts": t0_ns + 10**12 + np.cumsum(rng.integers(1, 1000, n_like, dtype=np.int64))}),
+        ("comment", {"user": zipf_keys(n_comment, users, seed + 7, s=0.8),
+                     "photo": zipf_keys(n_comment, photos, seed + 8, s=1.1),
+                     "text": captions(n_comment, seed + 9, words=3)}),
+    ]
+    return chunks

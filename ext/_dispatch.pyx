@@ -26,7 +26,7 @@ The tests pin it against both ``_keys`` modules.
 from cpython.object cimport PyObject
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 from libc.math cimport isfinite, isinf
-from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcpy, memset
 
@@ -61,6 +61,7 @@ cdef extern from "Python.h":
     void Py_DECREF(PyObject*)
     PyObject* Py_True
     PyObject* Py_False
+    Py_ssize_t PY_SSIZE_T_MAX
     object PyList_New(Py_ssize_t)
     void PyList_SET_ITEM(object, Py_ssize_t, PyObject*)  # steals the reference
 
@@ -165,20 +166,11 @@ cdef inline bint _float_value(int kind, PyObject* v, bint ints, uint64_t* out) n
         x = PyLong_AsLongLongAndOverflow(v, &over)
         if over:
             return False
-        if kind == K_F32:
-            s = <float>x  # one rounding, int64 -> float32, as numpy's cast
-            d = s
-        else:
-            d = <double>x
+        d = <float>x if kind == K_F32 else <double>x  # int64 -> float32 rounds once, as numpy
     else:
         return False
     memcpy(out, &d, sizeof(double))
     return True
-
-
-cdef inline bint _bool_value(PyObject* v, uint64_t* out) noexcept:
-    out[0] = v == Py_True
-    return v == Py_True or v == Py_False
 
 
 cdef inline bint _str_value(PyObject* v, Py_ssize_t size_max) noexcept:
@@ -190,6 +182,22 @@ cdef inline bint _str_value(PyObject* v, Py_ssize_t size_max) noexcept:
         PyErr_Clear()
         return False
     return size <= size_max
+
+
+cdef inline bint _value(const Field* f, PyObject* v, bint fast, Py_ssize_t size_max,
+                        uint64_t* out) noexcept:
+    """Pass 1 for one value. ``fast``: the dispatcher (ints for floats too), else add()."""
+    cdef int k = f.kind
+    if k <= K_U64 or k == K_TS or k == K_KEY_INT:
+        return _int_value(f, v, out)
+    if k == K_F32 or k == K_F64:
+        return _float_value(k, v, fast, out)
+    if k == K_BOOL:
+        out[0] = v == Py_True
+        return v == Py_True or v == Py_False
+    if k == K_BYTES:
+        return PyBytes_CheckExact(v) and PyBytes_GET_SIZE(v) <= size_max
+    return _str_value(v, size_max)
 
 
 cdef inline void _store(int kind, char* col, Py_ssize_t i, uint64_t v, PyObject* o) noexcept:
@@ -250,7 +258,8 @@ cdef class RowBuffer:
         self._ids = tuple(t for t, _, _ in specs)
         self._kinds = {t: k for t, k, _ in specs}
         self.on_full, self.last_shard = on_full, -1
-        self.ntypes, self.nflat, self.ntid = len(specs), sum(len(k) for _, k, _ in specs), max(self._ids) + 1
+        self.ntypes, self.ntid = len(specs), max(self._ids) + 1
+        self.nflat = sum(len(k) for _, k, _ in specs)
         self.types = <TypeInfo*>calloc(self.ntypes, sizeof(TypeInfo))
         self.fields = <Field*>calloc(self.nflat, sizeof(Field))
         self.tindex = <int*>malloc(self.ntid * sizeof(int))
@@ -362,9 +371,6 @@ cdef class RowBuffer:
     cdef object _add_valid(self, Py_ssize_t ti, object row, bint as_offset):
         cdef uint64_t vals[FIELDS_MAX]
         cdef const TypeInfo* t = &self.types[ti]
-        cdef const Field* f
-        cdef PyObject* v
-        cdef bint ok, typed
         cdef int i
         if type(row) is not tuple:
             raise TypeError(f"add(): a row is the tuple ActionType.validate_one returns, not "
@@ -373,27 +379,17 @@ cdef class RowBuffer:
             raise ValueError(f"add(): type {t.tid} has {t.nf} fields but the row has {len(row)} "
                              "values")
         for i in range(t.nf):
-            f, v = &self.fields[t.first + i], PyTuple_GET_ITEM(row, i)
-            if f.kind <= K_U64 or f.kind == K_TS or f.kind == K_KEY_INT:
-                ok = _int_value(f, v, &vals[i])
-                typed = PyLong_CheckExact(v)
-            elif f.kind == K_F32 or f.kind == K_F64:
-                ok = _float_value(f.kind, v, False, &vals[i])
-                typed = PyFloat_CheckExact(v)
-            elif f.kind == K_BOOL:
-                ok = typed = _bool_value(v, &vals[i])
-            else:
-                ok = typed = PyBytes_CheckExact(v) if f.kind == K_BYTES else PyUnicode_CheckExact(v)
-            if not ok:
-                raise row_error(not typed, i, t.tid, KINDS[f.kind], row[i])
+            if not _value(&self.fields[t.first + i], PyTuple_GET_ITEM(row, i), False,
+                          PY_SSIZE_T_MAX, &vals[i]):
+                raise row_error(i, t.tid, KINDS[self.fields[t.first + i].kind], row[i])
         return self._append(ti, vals, row, as_offset)
 
     def add(self, type_id, row):
-        """Buffer a validated row; returns (shard, index in the shard's buffer)."""
+        """Buffer a row as validate_one returns it; returns (shard, index in the shard)."""
         return self._add_valid(self._type_index(type_id), row, False)
 
     def add_offset(self, type_id, row):
-        """Buffer a validated row; returns base[shard] + its index (see ``last_shard``)."""
+        """``add``, returning base[shard] + index; ``last_shard`` tells the shard."""
         return self._add_valid(self._type_index(type_id), row, True)
 
     def shard_of_last(self):
@@ -424,12 +420,7 @@ cdef class RowBuffer:
         self._shard(shard).base = offset
 
     def take(self, Py_ssize_t shard):
-        """Cut the shard's buffer: (uint16 type column or None if one type, {type id: columns}).
-
-        Columns in field order: numpy arrays of the field's dtype (int keys: int64 raw keys;
-        timestamps: int64 ns), lists of str/bytes for string, bytes and str-key fields. The
-        buffer is emptied and the shard's base advances past the taken actions.
-        """
+        """(uint16 type column or None if one type, {type id: columns}); see the twin."""
         cdef Shard* sh = self._shard(shard)
         cdef Py_ssize_t n = sh.n, t, f, i, rows
         cdef char** data
@@ -519,25 +510,10 @@ cdef class Dispatcher:
         free(self.fields)
 
     cdef bint _check(self, tuple args, uint64_t* vals) noexcept:
-        cdef int i, k
-        cdef PyObject* v
-        cdef const Field* f
+        cdef int i
         for i in range(self.nf):
-            f, v = &self.fields[i], PyTuple_GET_ITEM(args, i)
-            k = f.kind
-            if k <= K_U64 or k == K_TS or k == K_KEY_INT:
-                if not _int_value(f, v, &vals[i]):
-                    return False
-            elif k == K_F32 or k == K_F64:
-                if not _float_value(k, v, True, &vals[i]):
-                    return False
-            elif k == K_BOOL:
-                if not _bool_value(v, &vals[i]):
-                    return False
-            elif k == K_BYTES:
-                if not (PyBytes_CheckExact(v) and PyBytes_GET_SIZE(v) <= self.string_bytes_max):
-                    return False
-            elif not _str_value(v, self.string_bytes_max):
+            if not _value(&self.fields[i], PyTuple_GET_ITEM(args, i), True,
+                          self.string_bytes_max, &vals[i]):
                 return False
         return True
 

@@ -10,6 +10,7 @@ string input forms.
 
 from __future__ import annotations
 
+import multiprocessing
 import pickle
 import threading
 
@@ -107,6 +108,31 @@ def raised(fn, *args):
 
 
 # ---- the interner against a dict model ----------------------------------------------------------
+
+
+def fill_levels(mod) -> None:
+    it = mod.Int64Interner(capacity=0)
+    for k in range(1, 600):
+        assert it.intern_one(k) == k - 1
+        assert it.get(-k) == -1 and -k not in it
+        assert it.lookup([-k, 0, k]).tolist() == [-1, -1, k - 1]
+
+
+@pytest.mark.parametrize("mod", MODULES)
+def test_absent_keys_found_absent_at_every_fill_level(mod):
+    """A miss must stop at an empty slot: the table never fills up, across every resize.
+    Run in a forked child: a probe loop that never ends holds the GIL, so no in-process
+    timeout could stop it."""
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("needs fork")
+    child = multiprocessing.get_context("fork").Process(target=fill_levels, args=(mod,))
+    child.start()
+    child.join(30)
+    if child.is_alive():
+        child.kill()
+        child.join()
+        pytest.fail("a lookup of an absent key never returned: the table filled up")
+    assert child.exitcode == 0
 
 
 @pytest.mark.parametrize("mod", MODULES)

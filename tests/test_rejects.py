@@ -14,17 +14,18 @@ from __future__ import annotations
 
 import math
 import shutil
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import hypothesis.strategies as st
 import numpy as np
 import pyarrow as pa
 import pytest
 from hypothesis import HealthCheck, given, settings
+from logutil import snapshot
 
 import engine as en
 from engine.errors import LimitExceededError, UnknownActionTypeError, ValidationError
-from logutil import snapshot
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -1,0 +1,434 @@
+"""Pure-numpy reference twin of ``engine._kernels`` (ext/_kernels.pyx): same names, same bits.
+
+Every kernel has one shape: ``reduce_<op>(out..., key_ids, values, mask=None) -> None``. The
+outputs belong to the caller, are indexed by key id and are updated in place, so folding a log
+in any batching gives the same state as one call. ``mask`` (bool or uint8, one per row) skips
+the rows where it is 0. Values and value outputs share one dtype, int64 or float64.
+
+Contract shared with the native module, row by row as a plain loop would do it:
+
+- int64 sums wrap modulo 2**64 (like numpy); float64 sums add in row order;
+- ``reduce_min``/``reduce_max``: the first value seen for a key initialises it; a later value
+  replaces it only when strictly smaller/larger, so among equal values (0.0 and -0.0 too) the
+  first one stays; NaN loses to every number and, when all are NaN, the first NaN stays;
+- a key id outside ``[0, len(output))`` in a kept row is a ValueError raised before anything
+  is written (rows the mask drops are not checked, so ``lookup()``'s -1 can be masked out).
+
+This module is the test oracle first: it is vectorised numpy, not a Python loop, so it is also
+a usable fallback (``ENGINE_NO_EXTENSIONS=1``). The argument checks here are imported by the
+native module, so both reject bad input with the same exception and message.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "reduce_count", "reduce_sum", "reduce_min", "reduce_max", "reduce_first", "reduce_last",
+    "fold_count_sum_last", "fold_count_sum_last_rows", "ring_push", "ring_read",
+    "changed_keys", "topk",
+]  # fmt: skip
+
+_INT64 = np.dtype(np.int64)
+_FLOAT64 = np.dtype(np.float64)
+_UINT8 = np.dtype(np.uint8)
+_BOOL = np.dtype(np.bool_)
+_VALUE_DTYPES = (_INT64, _FLOAT64)
+_INT64_MIN = np.int64(-(1 << 63))
+_INT64_MAX = np.int64((1 << 63) - 1)
+ROW_COLUMNS = 3  # fold_count_sum_last_rows: state[k] = [count, sum, last, (padding...)]
+
+
+# ---- argument checks (imported by ext/_kernels.pyx) -------------------------------------------
+
+
+def _vector(arr: Any, name: str) -> np.ndarray:
+    """A 1-D input as a C-contiguous array: a view when it already is one, else a copy."""
+    a = np.asarray(arr)
+    if a.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got {a.ndim} dimensions")
+    return a if a.flags.c_contiguous else np.ascontiguousarray(a)
+
+
+def _key_ids(key_ids: Any, name: str = "key_ids") -> np.ndarray:
+    """1-D int64 key ids (copied only if strided); an empty array of any dtype is accepted."""
+    ids = _vector(key_ids, name)
+    if ids.dtype != _INT64:
+        if ids.shape[0] == 0:
+            return np.empty(0, dtype=_INT64)
+        raise TypeError(
+            f"{name} must be an int64 array, got dtype {ids.dtype}; cast with .astype(np.int64)"
+        )
+    return ids
+
+
+def _values(values: Any, rows: int, dtype: np.dtype, name: str = "values") -> np.ndarray:
+    """1-D ``values`` of ``dtype`` with one entry per row (an empty array is cast)."""
+    v = _vector(values, name)
+    if v.shape[0] != rows:
+        raise ValueError(f"{name} has {v.shape[0]} rows but key_ids has {rows}")
+    if v.dtype != dtype:
+        if v.shape[0] == 0:
+            return np.empty(0, dtype=dtype)
+        raise TypeError(
+            f"{name} has dtype {v.dtype} but the output is {dtype}: values and outputs must "
+            f"share one dtype (int64 or float64); cast with .astype(np.{dtype})"
+        )
+    return v
+
+
+def _mask(mask: Any, rows: int, of: str = "key_ids") -> np.ndarray | None:
+    """None, or the mask as a uint8 view (bool is viewed, not copied) with one entry per row."""
+    if mask is None:
+        return None
+    m = _vector(mask, "mask")
+    if m.dtype not in (_BOOL, _UINT8):
+        raise TypeError(f"mask must be a bool or uint8 array, got dtype {m.dtype}")
+    if m.shape[0] != rows:
+        raise ValueError(f"mask has {m.shape[0]} rows but {of} has {rows}")
+    return m.view(_UINT8)
+
+
+def _out(arr: Any, name: str, dtypes: tuple[np.dtype, ...], ndim: int = 1) -> np.ndarray:
+    """A caller-owned, writeable, C-contiguous output array (bool comes back as a uint8 view).
+
+    Contiguity is required because the native loops index outputs as plain C arrays (with
+    byte strides they ran ~1.5x slower); a strided output cannot be copied and written back
+    without surprising the caller.
+    """
+    if not isinstance(arr, np.ndarray):
+        raise TypeError(f"{name} must be a numpy array owned by the caller, got {type(arr).__name__}")
+    if arr.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got {arr.ndim} dimensions")
+    if arr.dtype not in dtypes:
+        wanted = " or ".join(str(d) for d in dtypes)
+        raise TypeError(f"{name} must have dtype {wanted}, got {arr.dtype}")
+    if not arr.flags.writeable:
+        raise ValueError(f"{name} is read-only: outputs must be writeable arrays")
+    if not arr.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous (strides {arr.strides}): pass a "
+                         f"contiguous array, e.g. np.ascontiguousarray({name}), and keep that")
+    return arr.view(_UINT8) if arr.dtype == _BOOL else arr
+
+
+def _value_outs(outs: dict[str, Any]) -> tuple[list[np.ndarray], np.dtype]:
+    """Value outputs (int64 or float64, all of one dtype) and that dtype."""
+    arrays = [_out(a, name, _VALUE_DTYPES) for name, a in outs.items()]
+    dtype = arrays[0].dtype
+    for name, a in zip(outs, arrays):
+        if a.dtype != dtype:
+            first = next(iter(outs))
+            raise TypeError(f"{name} has dtype {a.dtype} but {first} has {dtype}: use one dtype")
+    return arrays, dtype
+
+
+def _seen(seen: Any) -> np.ndarray:
+    return _out(seen, "seen", (_UINT8, _BOOL))
+
+
+def _range_error(ids: np.ndarray, row: int, keys: int, outputs: str) -> ValueError:
+    return ValueError(
+        f"key_ids[{row}] = {ids[row]} is outside the outputs ({outputs}: {keys} keys); size "
+        f"every output to at least max(key_ids) + 1; nothing was written"
+    )
+
+
+def _first_bad_row(ids: np.ndarray, m: np.ndarray | None, keys: int) -> int:
+    """The first kept row whose id is outside [0, keys), or -1."""
+    bad = ids.view(np.uint64) >= np.uint64(keys)  # negative ids are huge as uint64
+    if m is not None:
+        bad &= m != 0
+    return int(np.argmax(bad)) if bad.any() else -1
+
+
+def _check_range(ids: np.ndarray, m: np.ndarray | None, keys: int, outputs: str) -> None:
+    row = _first_bad_row(ids, m, keys)
+    if row >= 0:
+        raise _range_error(ids, row, keys, outputs)
+
+
+def _kept(ids: np.ndarray, values: np.ndarray | None, m: np.ndarray | None):
+    if m is None:
+        return ids, values
+    keep = m != 0
+    return ids[keep], (None if values is None else values[keep])
+
+
+def _lengths(*arrays: np.ndarray) -> int:
+    return min(a.shape[0] for a in arrays)
+
+
+def _order_key(values: np.ndarray, nan: np.int64) -> np.ndarray:
+    """int64 keys ordered like ``values``; -0.0 == 0.0 and every NaN maps to ``nan``.
+
+    Floats: the IEEE bits with the magnitude bits flipped for negatives give a total order.
+    """
+    if values.dtype == _INT64:
+        return values
+    bits = (values + 0.0).view(_INT64)  # + 0.0 turns -0.0 into 0.0
+    key = np.where(bits < 0, bits ^ _INT64_MAX, bits)
+    key[np.isnan(values)] = nan
+    return key
+
+
+# ---- reducers ----------------------------------------------------------------------------------
+
+
+def reduce_count(count: np.ndarray, key_ids: Any, mask: Any = None) -> None:
+    """``count[k] += 1`` for every kept row with key id ``k``."""
+    c = _out(count, "count", (_INT64,))
+    ids = _key_ids(key_ids)
+    m = _mask(mask, ids.shape[0])
+    _check_range(ids, m, c.shape[0], "count")
+    ids, _ = _kept(ids, None, m)
+    c += np.bincount(ids, minlength=c.shape[0])[: c.shape[0]]
+
+
+def reduce_sum(sum: np.ndarray, key_ids: Any, values: Any, mask: Any = None) -> None:  # noqa: A002
+    """``sum[k] += v`` in row order (int64 wraps modulo 2**64)."""
+    (s,), dtype = _value_outs({"sum": sum})
+    ids = _key_ids(key_ids)
+    v = _values(values, ids.shape[0], dtype)
+    m = _mask(mask, ids.shape[0])
+    _check_range(ids, m, s.shape[0], "sum")
+    ids, v = _kept(ids, v, m)
+    np.add.at(s, ids, v)  # unbuffered, in row order
+
+
+def _extreme(out: Any, seen: Any, key_ids: Any, values: Any, mask: Any, largest: bool) -> None:
+    (o,), dtype = _value_outs({"out": out})
+    s = _seen(seen)
+    ids = _key_ids(key_ids)
+    v = _values(values, ids.shape[0], dtype)
+    m = _mask(mask, ids.shape[0])
+    _check_range(ids, m, _lengths(o, s), "out, seen")
+    ids, v = _kept(ids, v, m)
+    if ids.shape[0] == 0:
+        return
+    touched = np.unique(ids)
+    prior = touched[s[touched] != 0]  # their current value competes as "row -1"
+    cand_ids = np.concatenate([prior, ids])
+    cand = np.concatenate([o[prior], v])
+    # lower rank wins; NaN gets the worst rank either way
+    rank = ~_order_key(cand, _INT64_MIN) if largest else _order_key(cand, _INT64_MAX)
+    order = np.lexsort((rank, cand_ids))  # stable: among equal ranks the earliest row wins
+    sorted_ids = cand_ids[order]
+    first = np.ones(order.shape[0], dtype=bool)
+    first[1:] = sorted_ids[1:] != sorted_ids[:-1]
+    win = order[first]
+    o[cand_ids[win]] = cand[win]
+    s[touched] = 1
+
+
+def reduce_min(out: np.ndarray, seen: np.ndarray, key_ids: Any, values: Any,
+               mask: Any = None) -> None:
+    """Smallest value per key; ``seen[k]`` set once a key has a value (see module notes)."""
+    _extreme(out, seen, key_ids, values, mask, largest=False)
+
+
+def reduce_max(out: np.ndarray, seen: np.ndarray, key_ids: Any, values: Any,
+               mask: Any = None) -> None:
+    """Largest value per key; ``seen[k]`` set once a key has a value (see module notes)."""
+    _extreme(out, seen, key_ids, values, mask, largest=True)
+
+
+def reduce_first(out: np.ndarray, seen: np.ndarray, key_ids: Any, values: Any,
+                 mask: Any = None) -> None:
+    """The first value per key: written only where ``seen[k]`` is 0, then ``seen[k] = 1``."""
+    (o,), dtype = _value_outs({"out": out})
+    s = _seen(seen)
+    ids = _key_ids(key_ids)
+    v = _values(values, ids.shape[0], dtype)
+    m = _mask(mask, ids.shape[0])
+    _check_range(ids, m, _lengths(o, s), "out, seen")
+    ids, v = _kept(ids, v, m)
+    keys, rows = np.unique(ids, return_index=True)  # rows: first occurrence
+    new = s[keys] == 0
+    o[keys[new]] = v[rows[new]]
+    s[keys] = 1
+
+
+def _assign_last(o: np.ndarray, ids: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """``o[k] = v`` of the last row of each key; returns the keys written."""
+    n = ids.shape[0]
+    keys, back = np.unique(ids[::-1], return_index=True)  # first from the end = last
+    o[keys] = v[n - 1 - back]
+    return keys
+
+
+def reduce_last(out: np.ndarray, seen: np.ndarray, key_ids: Any, values: Any,
+                mask: Any = None) -> None:
+    """The last value per key, ``seen[k] = 1``."""
+    (o,), dtype = _value_outs({"out": out})
+    s = _seen(seen)
+    ids = _key_ids(key_ids)
+    v = _values(values, ids.shape[0], dtype)
+    m = _mask(mask, ids.shape[0])
+    _check_range(ids, m, _lengths(o, s), "out, seen")
+    ids, v = _kept(ids, v, m)
+    s[_assign_last(o, ids, v)] = 1
+
+
+def fold_count_sum_last(count: np.ndarray, sum: np.ndarray, last: np.ndarray,  # noqa: A002
+                        key_ids: Any, values: Any, mask: Any = None) -> None:
+    """count, sum and last per key in one pass (``count[k] > 0`` tells that ``last[k]`` is set)."""
+    c = _out(count, "count", (_INT64,))
+    (s, last_), dtype = _value_outs({"sum": sum, "last": last})
+    ids = _key_ids(key_ids)
+    v = _values(values, ids.shape[0], dtype)
+    m = _mask(mask, ids.shape[0])
+    _check_range(ids, m, _lengths(c, s, last_), "count, sum, last")
+    ids, v = _kept(ids, v, m)
+    c += np.bincount(ids, minlength=c.shape[0])[: c.shape[0]]
+    np.add.at(s, ids, v)
+    _assign_last(last_, ids, v)
+
+
+def _row_state(state: Any) -> np.ndarray:
+    st = _out(state, "state", (_INT64,), ndim=2)
+    if st.shape[1] < ROW_COLUMNS:
+        raise ValueError(f"state must be an (nkeys, {ROW_COLUMNS}) int64 array (extra columns "
+                         f"are padding), got shape {st.shape}")
+    return st
+
+
+def fold_count_sum_last_rows(state: np.ndarray, key_ids: Any, values: Any,
+                             mask: Any = None) -> None:
+    """``fold_count_sum_last`` with ``state[k] = [count, sum, last]`` together (int64 only).
+
+    One key's three numbers share a cache line. ``state`` may have more than 3 columns (e.g. 4,
+    so that a row never straddles two cache lines); the extra columns are left alone.
+    """
+    st = _row_state(state)
+    ids = _key_ids(key_ids)
+    v = _values(values, ids.shape[0], _INT64)
+    m = _mask(mask, ids.shape[0])
+    _check_range(ids, m, st.shape[0], "state")
+    ids, v = _kept(ids, v, m)
+    st[:, 0] += np.bincount(ids, minlength=st.shape[0])[: st.shape[0]]
+    np.add.at(st[:, 1], ids, v)
+    keys, back = np.unique(ids[::-1], return_index=True)
+    st[keys, 2] = v[ids.shape[0] - 1 - back]
+
+
+# ---- rings of the last N values ----------------------------------------------------------------
+
+
+def _ring(ring: Any, head: Any) -> tuple[np.ndarray, np.ndarray]:
+    r = _out(ring, "ring", (_INT64,), ndim=2)
+    if r.shape[1] < 1:
+        raise ValueError(f"ring must be an (nkeys, N >= 1) int64 array, got shape {r.shape}")
+    return r, _out(head, "head", (_INT64,))
+
+
+def ring_push(ring: np.ndarray, head: np.ndarray, key_ids: Any, values: Any,
+              mask: Any = None) -> None:
+    """Push each kept value into its key's ring: ``ring[k, head[k] % N] = v; head[k] += 1``.
+
+    ``head[k]`` counts every push to key ``k`` (an unsigned 64-bit count that wraps), so the
+    ring holds the last ``min(head[k], N)`` values; ``ring_read`` gives them newest first.
+    """
+    r, h = _ring(ring, head)
+    ids = _key_ids(key_ids)
+    v = _values(values, ids.shape[0], _INT64)
+    m = _mask(mask, ids.shape[0])
+    _check_range(ids, m, _lengths(r, h), "ring, head")
+    ids, v = _kept(ids, v, m)
+    if ids.shape[0] == 0:
+        return
+    width = np.uint64(r.shape[1])
+    order = np.argsort(ids, kind="stable")
+    sid, sv = ids[order], v[order]
+    starts = np.flatnonzero(np.r_[True, sid[1:] != sid[:-1]])
+    counts = np.diff(np.r_[starts, sid.shape[0]])
+    rank = np.arange(sid.shape[0]) - np.repeat(starts, counts)  # k-th push of its key here
+    survives = rank >= np.repeat(counts, counts) - r.shape[1]  # older ones are overwritten
+    hu = h.view(np.uint64)
+    slot = (hu[sid] + rank.astype(np.uint64)) % width
+    r[sid[survives], slot[survives].astype(np.intp)] = sv[survives]
+    hu[sid[starts]] += counts.astype(np.uint64)
+
+
+def _ring_read_args(ring: Any, head: Any, key: Any) -> tuple[np.ndarray, np.ndarray, int]:
+    r = np.asarray(ring)
+    h = np.asarray(head)
+    k = operator.index(key)
+    if r.ndim != 2 or h.ndim != 1 or r.dtype != _INT64 or h.dtype != _INT64 or r.shape[1] < 1:
+        raise ValueError("ring_read needs an (nkeys, N >= 1) int64 ring and a 1-D int64 head")
+    keys = _lengths(r, h)
+    if not 0 <= k < keys:
+        raise ValueError(f"key {k} is outside the ring (ring, head: {keys} keys)")
+    return r, h, k
+
+
+def ring_read(ring: np.ndarray, head: np.ndarray, key: int) -> np.ndarray:
+    """The values in ``key``'s ring, newest first (a copy; at most N of them)."""
+    r, h, k = _ring_read_args(ring, head, key)
+    pushes = int(h[k]) & ((1 << 64) - 1)
+    n = min(pushes, r.shape[1])
+    slots = [(pushes - 1 - i) % r.shape[1] for i in range(n)]
+    return r[k, np.array(slots, dtype=np.intp)]
+
+
+# ---- change detection and ranking --------------------------------------------------------------
+
+
+def _changed_args(old: Any, new: Any, key_ids: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    o = _vector(old, "old")
+    n = _vector(new, "new")
+    if o.dtype not in _VALUE_DTYPES or n.dtype != o.dtype:
+        raise TypeError(f"old and new must share one dtype, int64 or float64; got {o.dtype} and "
+                        f"{n.dtype}")
+    return o, n, _key_ids(key_ids)
+
+
+def changed_keys(old: Any, new: Any, key_ids: Any) -> np.ndarray:
+    """Distinct ids among ``key_ids`` where ``old[k] != new[k]``, in first-appearance order.
+
+    Float values compare as numbers: NaN == NaN and -0.0 == 0.0 count as unchanged.
+    """
+    o, n, ids = _changed_args(old, new, key_ids)
+    _check_range(ids, None, _lengths(o, n), "old, new")
+    a, b = o[ids], n[ids]
+    diff = a != b
+    if o.dtype == _FLOAT64:
+        diff &= ~(np.isnan(a) & np.isnan(b))
+    cand = ids[diff]
+    _, first = np.unique(cand, return_index=True)
+    return cand[np.sort(first)]
+
+
+def _topk_args(values: Any, k: Any, mask: Any) -> tuple[np.ndarray, int, np.ndarray | None]:
+    v = _vector(values, "values")
+    if v.dtype not in _VALUE_DTYPES:
+        if v.shape[0] != 0:
+            raise TypeError(f"values must be int64 or float64, got dtype {v.dtype}")
+        v = np.empty(0, dtype=_INT64)
+    k = operator.index(k)
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    return v, k, _mask(mask, v.shape[0], "values")
+
+
+def topk(values: Any, k: int, mask: Any = None) -> np.ndarray:
+    """Ids (positions) of the ``k`` largest values, largest first, ties by smaller id.
+
+    Ids where ``mask`` is 0 are left out; NaN ranks below every number; fewer than ``k`` ids
+    come back when there are fewer candidates.
+    """
+    v, k, m = _topk_args(values, k, mask)
+    ids = np.arange(v.shape[0], dtype=_INT64)
+    rank = ~_order_key(v, _INT64_MIN)  # ascending rank = descending value, NaN last
+    if m is not None:
+        keep = m != 0
+        ids, rank = ids[keep], rank[keep]
+    if k == 0 or ids.shape[0] == 0:
+        return np.empty(0, dtype=_INT64)
+    if k < ids.shape[0]:  # keep everything tied with the k-th, then sort those exactly
+        kth = np.partition(rank, k - 1)[k - 1]
+        near = rank <= kth
+        ids, rank = ids[near], rank[near]
+    return ids[np.lexsort((ids, rank))][:k]

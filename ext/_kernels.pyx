@@ -1,0 +1,537 @@
+"""Reducer kernels: fold (key_ids, values) columns into caller-owned per-key arrays.
+
+The reference twin is engine/_kernels_py.py; its module docstring is the contract (row-order
+semantics, int64 wraparound, NaN rules) and its argument checks are imported here, so both
+reject bad input with the same exception and message.
+
+Design. Each kernel is a Python wrapper (argument checks, under the GIL) around one
+``noexcept nogil`` loop over raw C pointers, specialised for int64 and float64 through the
+fused type ``num_t``. Arrays arrive as ``const`` memoryviews (read-only arrays and
+``np.memmap(mode="r")`` work without a copy), C-contiguous: outputs must be, strided inputs
+are copied by the checks. Plain ``p[k]`` indexing matters: with byte strides the same loops
+ran ~1.5x slower. Before any write, one pass over the key ids proves every kept id lies in
+``[0, len(output))`` (0.3 ns/row), so the loops run unchecked and never write out of bounds.
+With 1M keys the outputs outgrow the caches and every row costs a miss per output array:
+the loops prefetch the outputs of the row PREFETCH_AHEAD rows on, which makes them 2-3x
+faster. int64 sums add as uint64 (wraparound is defined there, signed overflow is not).
+"""
+
+from libc.stdint cimport INT64_MAX, INT64_MIN, int64_t, uint8_t, uint64_t
+from libc.stdlib cimport calloc, free, malloc
+from libc.string cimport memcpy
+
+import numpy as np
+
+from engine._kernels_py import (
+    _changed_args, _key_ids, _lengths, _mask, _out, _range_error, _ring,
+    _ring_read_args, _row_state, _seen, _topk_args, _value_outs, _values,
+)
+
+__all__ = [
+    "reduce_count", "reduce_sum", "reduce_min", "reduce_max", "reduce_first", "reduce_last",
+    "fold_count_sum_last", "fold_count_sum_last_rows", "ring_push", "ring_read",
+    "changed_keys", "topk",
+]
+
+ctypedef fused num_t:
+    int64_t
+    double
+
+cdef object INT64 = np.dtype(np.int64)
+
+cdef extern from *:
+    """
+    #if defined(__GNUC__) || defined(__clang__)
+    #define ENGINE_PREFETCH_W(p) __builtin_prefetch((p), 1, 3)
+    #define ENGINE_PREFETCH_R(p) __builtin_prefetch((p), 0, 3)
+    #else
+    #define ENGINE_PREFETCH_W(p) ((void)(p))
+    #define ENGINE_PREFETCH_R(p) ((void)(p))
+    #endif
+    """
+    void ENGINE_PREFETCH_W(const void* p) noexcept nogil
+    void ENGINE_PREFETCH_R(const void* p) noexcept nogil
+
+# rows. Fold into 1M keys (3 x 8 MB): none 12-17, 16 -> 9.7, 64 -> 6.8, 128 -> 4.5 ns/row,
+# 256+ no faster. Single-array kernels gain less (zipf 2.1 -> 1.2) and lose a little when
+# the array fits the L3 and the keys are uniform (0.8 -> 1.3).
+cdef Py_ssize_t PREFETCH_AHEAD = 128
+cdef Py_ssize_t PREFETCH_MIN_BYTES = 1 << 20  # bytes; smaller outputs stay in L2 anyway
+
+
+# ---- rows: the checked key ids and mask of one call ------------------------------------------
+
+cdef struct Rows:
+    const int64_t* ids
+    const uint8_t* mask     # NULL keeps every row
+    Py_ssize_t n
+    uint64_t keys           # every kept id is below this (checked before any loop runs)
+    Py_ssize_t ahead        # prefetch distance in rows; 0 = off
+    Py_ssize_t ahead_stop   # rows below this prefetch the row `ahead` on
+
+
+cdef inline bint _skip(Rows r, Py_ssize_t i) noexcept nogil:
+    return r.mask != NULL and r.mask[i] == 0
+
+
+cdef inline int64_t _ahead(Rows r, Py_ssize_t i) noexcept nogil:
+    """The id `ahead` rows on, to prefetch; -1 if none (or out of range: rows the mask
+    drops are not checked)."""
+    cdef int64_t k
+    if i >= r.ahead_stop:
+        return -1
+    k = r.ids[i + r.ahead]
+    return k if <uint64_t>k < r.keys else -1
+
+
+cdef Py_ssize_t _first_bad(Rows r) noexcept nogil:
+    """The first kept row whose id is outside [0, keys), or -1. A negative id is huge as a
+    uint64, so one unsigned compare per row covers both ends."""
+    cdef Py_ssize_t i
+    cdef bint bad = False
+    if r.mask != NULL:
+        for i in range(r.n):
+            bad |= (<uint64_t>r.ids[i] >= r.keys) & (r.mask[i] != 0)
+    else:
+        for i in range(r.n):
+            bad |= <uint64_t>r.ids[i] >= r.keys
+    if bad:
+        for i in range(r.n):
+            if <uint64_t>r.ids[i] >= r.keys and not _skip(r, i):
+                return i
+    return -1
+
+
+cdef Rows _rows(object ids, object m, Py_ssize_t keys, str outputs,
+                Py_ssize_t bytes_per_key) except *:
+    """The checked rows of a call; ValueError naming `outputs` unless every kept id < keys.
+    The caller holds `ids` and `m` (C-contiguous arrays) while any loop uses the pointers."""
+    cdef const int64_t[::1] iv = ids
+    cdef const uint8_t[::1] mv
+    cdef Rows r
+    cdef Py_ssize_t row
+    r.ids, r.n, r.mask, r.keys = &iv[0], iv.shape[0], NULL, keys
+    if m is not None:
+        mv = m
+        r.mask = &mv[0]
+    r.ahead = PREFETCH_AHEAD if keys * bytes_per_key >= PREFETCH_MIN_BYTES else 0
+    r.ahead_stop = r.n - r.ahead if r.ahead and r.n > r.ahead else 0
+    with nogil:
+        row = _first_bad(r)
+    if row >= 0:
+        raise _range_error(ids, row, keys, outputs)
+    return r
+
+
+cdef inline num_t _add(num_t a, num_t b) noexcept nogil:
+    if num_t is int64_t:
+        return <int64_t>(<uint64_t>a + <uint64_t>b)   # wraps modulo 2**64, like numpy
+    else:
+        return a + b
+
+
+cdef inline bint _better(num_t x, num_t cur, bint largest) noexcept nogil:
+    """x replaces cur: strictly smaller (largest: larger); NaN loses to every number."""
+    if num_t is double:
+        if cur != cur:
+            return x == x
+    return x > cur if largest else x < cur
+
+
+# ---- loops: no Python objects, no GIL, every kept id already checked --------------------------
+
+cdef void _count(Rows r, int64_t* c) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef int64_t k
+    for i in range(r.n):
+        k = _ahead(r, i)
+        if k >= 0:
+            ENGINE_PREFETCH_W(&c[k])
+        if not _skip(r, i):
+            c[r.ids[i]] += 1
+
+
+cdef void _sum(Rows r, num_t* s, const num_t* v) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef int64_t k
+    for i in range(r.n):
+        k = _ahead(r, i)
+        if k >= 0:
+            ENGINE_PREFETCH_W(&s[k])
+        if not _skip(r, i):
+            k = r.ids[i]
+            s[k] = _add(s[k], v[i])
+
+
+cdef void _seen_op(int op, Rows r, num_t* o, uint8_t* seen, const num_t* v) noexcept nogil:
+    """op: 0 min, 1 max, 2 first, 3 last."""
+    cdef Py_ssize_t i
+    cdef int64_t k
+    for i in range(r.n):
+        k = _ahead(r, i)
+        if k >= 0:
+            ENGINE_PREFETCH_W(&o[k])
+            ENGINE_PREFETCH_W(&seen[k])
+        if _skip(r, i):
+            continue
+        k = r.ids[i]
+        if op == 3 or seen[k] == 0:
+            o[k] = v[i]
+            seen[k] = 1
+        elif op < 2 and _better(v[i], o[k], op == 1):
+            o[k] = v[i]
+
+
+cdef void _fold(Rows r, int64_t* c, num_t* s, num_t* l, const num_t* v) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef int64_t k
+    for i in range(r.n):
+        k = _ahead(r, i)
+        if k >= 0:
+            ENGINE_PREFETCH_W(&c[k])
+            ENGINE_PREFETCH_W(&s[k])
+            ENGINE_PREFETCH_W(&l[k])
+        if _skip(r, i):
+            continue
+        k = r.ids[i]
+        c[k] += 1
+        s[k] = _add(s[k], v[i])
+        l[k] = v[i]
+
+
+cdef void _fold_rows(Rows r, int64_t* st, Py_ssize_t width, const int64_t* v) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef int64_t k
+    cdef int64_t* p
+    for i in range(r.n):
+        k = _ahead(r, i)
+        if k >= 0:   # the row's first and last word: a 24-byte row may straddle two lines
+            ENGINE_PREFETCH_W(&st[k * width])
+            ENGINE_PREFETCH_W(&st[k * width + 2])
+        if _skip(r, i):
+            continue
+        p = &st[r.ids[i] * width]
+        p[0] += 1
+        p[1] = _add(p[1], v[i])
+        p[2] = v[i]
+
+
+cdef void _ring_push(Rows r, int64_t* ring, uint64_t width, int64_t* head,
+                     const int64_t* v) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef int64_t k
+    cdef uint64_t pushes
+    for i in range(r.n):
+        k = _ahead(r, i)
+        if k >= 0:
+            ENGINE_PREFETCH_W(&head[k])
+        if _skip(r, i):
+            continue
+        k = r.ids[i]
+        pushes = <uint64_t>head[k]      # an unsigned count: the slot is always in range
+        ring[<uint64_t>k * width + pushes % width] = v[i]
+        head[k] = <int64_t>(pushes + 1)
+
+
+# ---- entries: typed memoryviews (they check dtype and writeability) to pointers -------------
+
+cdef _sum_entry(Rows r, num_t[::1] s, const num_t[::1] v):
+    with nogil:
+        _sum(r, &s[0], &v[0])
+
+
+cdef _seen_entry(int op, Rows r, num_t[::1] o, uint8_t[::1] seen, const num_t[::1] v):
+    with nogil:
+        _seen_op(op, r, &o[0], &seen[0], &v[0])
+
+
+cdef _fold_entry(Rows r, int64_t[::1] c, num_t[::1] s, num_t[::1] l, const num_t[::1] v):
+    with nogil:
+        _fold(r, &c[0], &s[0], &l[0], &v[0])
+
+
+# ---- reducers ---------------------------------------------------------------------------------
+
+def reduce_count(count, key_ids, mask=None):
+    """``count[k] += 1`` for every kept row with key id ``k``."""
+    c = _out(count, "count", (INT64,))
+    ids = _key_ids(key_ids)
+    m = _mask(mask, ids.shape[0])
+    cdef Rows r = _rows(ids, m, c.shape[0], "count", 8)
+    cdef int64_t[::1] cv = c
+    with nogil:
+        _count(r, &cv[0])
+
+
+def reduce_sum(sum, key_ids, values, mask=None):
+    """``sum[k] += v`` in row order (int64 wraps modulo 2**64)."""
+    (s,), dtype = _value_outs({"sum": sum})
+    ids = _key_ids(key_ids)
+    v = _values(values, ids.shape[0], dtype)
+    m = _mask(mask, ids.shape[0])
+    cdef Rows r = _rows(ids, m, s.shape[0], "sum", 8)
+    if dtype == INT64:
+        _sum_entry[int64_t](r, s, v)
+    else:
+        _sum_entry[double](r, s, v)
+
+
+cdef _seen_kernel(int op, out, seen, key_ids, values, mask):
+    """reduce_min (op 0) / max (1) / first (2) / last (3): outputs (out, seen)."""
+    (o,), dtype = _value_outs({"out": out})
+    s = _seen(seen)
+    ids = _key_ids(key_ids)
+    v = _values(values, ids.shape[0], dtype)
+    m = _mask(mask, ids.shape[0])
+    cdef Rows r = _rows(ids, m, _lengths(o, s), "out, seen", 9)
+    if dtype == INT64:
+        _seen_entry[int64_t](op, r, o, s, v)
+    else:
+        _seen_entry[double](op, r, o, s, v)
+
+
+def reduce_min(out, seen, key_ids, values, mask=None):
+    """Smallest value per key; ``seen[k]`` set once a key has a value (see the twin's notes)."""
+    _seen_kernel(0, out, seen, key_ids, values, mask)
+
+
+def reduce_max(out, seen, key_ids, values, mask=None):
+    """Largest value per key; ``seen[k]`` set once a key has a value (see the twin's notes)."""
+    _seen_kernel(1, out, seen, key_ids, values, mask)
+
+
+def reduce_first(out, seen, key_ids, values, mask=None):
+    """The first value per key: written only where ``seen[k]`` is 0, then ``seen[k] = 1``."""
+    _seen_kernel(2, out, seen, key_ids, values, mask)
+
+
+def reduce_last(out, seen, key_ids, values, mask=None):
+    """The last value per key, ``seen[k] = 1``."""
+    _seen_kernel(3, out, seen, key_ids, values, mask)
+
+
+def fold_count_sum_last(count, sum, last, key_ids, values, mask=None):
+    """count, sum and last per key in one pass (``count[k] > 0`` tells that ``last[k]`` is set)."""
+    c = _out(count, "count", (INT64,))
+    (s, l), dtype = _value_outs({"sum": sum, "last": last})
+    ids = _key_ids(key_ids)
+    v = _values(values, ids.shape[0], dtype)
+    m = _mask(mask, ids.shape[0])
+    cdef Rows r = _rows(ids, m, _lengths(c, s, l), "count, sum, last", 24)
+    if dtype == INT64:
+        _fold_entry[int64_t](r, c, s, l, v)
+    else:
+        _fold_entry[double](r, c, s, l, v)
+
+
+def fold_count_sum_last_rows(state, key_ids, values, mask=None):
+    """``fold_count_sum_last`` with ``state[k] = [count, sum, last]`` together (int64 only).
+
+    One key's three numbers share a cache line. ``state`` may have more than 3 columns (e.g. 4,
+    so that a row never straddles two cache lines); the extra columns are left alone.
+    """
+    st = _row_state(state)
+    ids = _key_ids(key_ids)
+    v = _values(values, ids.shape[0], INT64)
+    m = _mask(mask, ids.shape[0])
+    cdef Rows r = _rows(ids, m, st.shape[0], "state", 8 * st.shape[1])
+    cdef int64_t[:, ::1] sv = st
+    cdef const int64_t[::1] vv = v
+    with nogil:
+        _fold_rows(r, &sv[0, 0], sv.shape[1], &vv[0])
+
+
+# ---- rings of the last N values ---------------------------------------------------------------
+
+def ring_push(ring, head, key_ids, values, mask=None):
+    """Push each kept value into its key's ring: ``ring[k, head[k] % N] = v; head[k] += 1``.
+
+    ``head[k]`` counts every push to key ``k`` (an unsigned 64-bit count that wraps), so the
+    ring holds the last ``min(head[k], N)`` values; ``ring_read`` gives them newest first.
+    """
+    rg, h = _ring(ring, head)
+    ids = _key_ids(key_ids)
+    v = _values(values, ids.shape[0], INT64)
+    m = _mask(mask, ids.shape[0])
+    cdef Rows r = _rows(ids, m, _lengths(rg, h), "ring, head", 8)
+    cdef int64_t[:, ::1] rv = rg
+    cdef int64_t[::1] hv = h
+    cdef const int64_t[::1] vv = v
+    with nogil:
+        _ring_push(r, &rv[0, 0], rv.shape[1], &hv[0], &vv[0])
+
+
+def ring_read(ring, head, key):
+    """The values in ``key``'s ring, newest first (a copy; at most N of them)."""
+    rg, h, key = _ring_read_args(ring, head, key)
+    cdef const int64_t[:, :] rv = rg
+    cdef const int64_t[:] hv = h
+    cdef Py_ssize_t i, k = key
+    cdef uint64_t pushes = <uint64_t>hv[k], width = rv.shape[1]
+    cdef Py_ssize_t n = <Py_ssize_t>min(pushes, width)
+    out = np.empty(n, dtype=np.int64)
+    cdef int64_t[::1] o = out
+    for i in range(n):
+        o[i] = rv[k, (pushes - 1 - <uint64_t>i) % width]
+    return out
+
+
+# ---- change detection and ranking -------------------------------------------------------------
+
+cdef Py_ssize_t _changed(Rows r, const num_t* old, const num_t* new, uint8_t* marks,
+                         int64_t* out) noexcept nogil:
+    """Ids whose value differs, each once (marks: one bit per key), in order; their count."""
+    cdef Py_ssize_t i, n = 0
+    cdef int64_t k
+    cdef num_t a, b
+    for i in range(r.n):
+        k = _ahead(r, i)
+        if k >= 0:
+            ENGINE_PREFETCH_R(&old[k])
+            ENGINE_PREFETCH_R(&new[k])
+        k = r.ids[i]
+        a, b = old[k], new[k]
+        if a == b:
+            continue
+        if num_t is double:
+            if a != a and b != b:   # NaN == NaN counts as unchanged
+                continue
+        if marks[k >> 3] & (1 << (k & 7)):
+            continue
+        marks[k >> 3] |= 1 << (k & 7)
+        out[n] = k
+        n += 1
+    return n
+
+
+cdef Py_ssize_t _changed_entry(Rows r, const num_t[::1] old, const num_t[::1] new,
+                               uint8_t* marks, int64_t[::1] out):
+    with nogil:
+        return _changed(r, &old[0], &new[0], marks, &out[0])
+
+
+def changed_keys(old, new, key_ids):
+    """Distinct ids among ``key_ids`` where ``old[k] != new[k]``, in first-appearance order.
+
+    Float values compare as numbers: NaN == NaN and -0.0 == 0.0 count as unchanged.
+    """
+    o, nw, ids = _changed_args(old, new, key_ids)
+    cdef Py_ssize_t n, keys = _lengths(o, nw)
+    cdef Rows r = _rows(ids, None, keys, "old, new", 16)
+    out = np.empty(max(ids.shape[0], 1), dtype=np.int64)
+    cdef uint8_t* marks = <uint8_t*>calloc((keys >> 3) + 1, 1)
+    if marks == NULL:
+        raise MemoryError(f"changed_keys: cannot allocate a {keys}-bit key set")
+    try:
+        if o.dtype == INT64:
+            n = _changed_entry[int64_t](r, o, nw, marks, out)
+        else:
+            n = _changed_entry[double](r, o, nw, marks, out)
+    finally:
+        free(marks)
+    return out[:n].copy()
+
+
+cdef struct Ranked:
+    int64_t rank   # larger is better; ties go to the smaller id
+    int64_t id
+
+
+cdef inline bint _worse(Ranked a, Ranked b) noexcept nogil:
+    return a.rank < b.rank or (a.rank == b.rank and a.id > b.id)
+
+
+cdef inline int64_t _rank(num_t x) noexcept nogil:
+    """int64 ordered like x: floats by their IEEE bits (magnitude flipped for negatives),
+    -0.0 as 0.0, every NaN below every number."""
+    cdef double y
+    cdef int64_t bits
+    if num_t is int64_t:
+        return x
+    else:
+        if x != x:
+            return INT64_MIN
+        y = x + 0.0               # -0.0 + 0.0 == +0.0
+        memcpy(&bits, &y, sizeof(bits))
+        return bits ^ INT64_MAX if bits < 0 else bits
+
+
+cdef void _sift_down(Ranked* h, Py_ssize_t n, Py_ssize_t i) noexcept nogil:
+    """Restore the heap below i; the root is the worst kept candidate."""
+    cdef Py_ssize_t c
+    cdef Ranked t
+    while 2 * i + 1 < n:
+        c = 2 * i + 1
+        if c + 1 < n and _worse(h[c + 1], h[c]):
+            c += 1
+        if not _worse(h[c], h[i]):
+            return
+        t = h[c]
+        h[c] = h[i]
+        h[i] = t
+        i = c
+
+
+cdef void _sift_up(Ranked* h, Py_ssize_t i) noexcept nogil:
+    cdef Ranked t
+    while i > 0 and _worse(h[i], h[(i - 1) // 2]):
+        t = h[i]
+        h[i], h[(i - 1) // 2] = h[(i - 1) // 2], t
+        i = (i - 1) // 2
+
+
+cdef Py_ssize_t _topk(const num_t* v, Py_ssize_t n, const uint8_t* m, Ranked* h, Py_ssize_t k,
+                      int64_t* out) noexcept nogil:
+    """The k best into out (best first) through a size-k heap: O(n log k). Returns how many;
+    m (NULL: all) drops ids where it is 0."""
+    cdef Py_ssize_t i, size = 0
+    cdef Ranked x
+    for i in range(n):
+        if m != NULL and m[i] == 0:
+            continue
+        x.rank, x.id = _rank(v[i]), i
+        if size < k:
+            h[size] = x
+            size += 1
+            _sift_up(h, size - 1)
+        elif _worse(h[0], x):
+            h[0] = x
+            _sift_down(h, size, 0)
+    for i in range(size - 1, -1, -1):   # pop the worst into the back
+        out[i] = h[0].id
+        h[0] = h[i]
+        _sift_down(h, i, 0)
+    return size
+
+
+cdef Py_ssize_t _topk_entry(const num_t[::1] v, const uint8_t* m, Ranked* h, Py_ssize_t k,
+                            int64_t[::1] out):
+    with nogil:
+        return _topk(&v[0], v.shape[0], m, h, k, &out[0])
+
+
+def topk(values, k, mask=None):
+    """Ids (positions) of the ``k`` largest values, largest first, ties by smaller id.
+
+    Ids where ``mask`` is 0 are left out; NaN ranks below every number; fewer than ``k`` ids
+    come back when there are fewer candidates.
+    """
+    v, kk, m = _topk_args(values, k, mask)
+    cdef Py_ssize_t size = min(kk, v.shape[0]), n
+    cdef const uint8_t[::1] mv
+    cdef const uint8_t* mp = NULL
+    if m is not None:
+        mv = m
+        mp = &mv[0]
+    out = np.empty(max(size, 1), dtype=np.int64)
+    cdef Ranked* heap = <Ranked*>malloc(max(size, 1) * sizeof(Ranked))
+    if heap == NULL:
+        raise MemoryError(f"topk: cannot allocate a heap of {size} entries")
+    try:
+        if v.dtype == INT64:
+            n = _topk_entry[int64_t](v, mp, heap, size, out)
+        else:
+            n = _topk_entry[double](v, mp, heap, size, out)
+    finally:
+        free(heap)
+    return out[:n].copy() if n < out.shape[0] else out
