@@ -146,7 +146,7 @@ def test_append_sqlite(benchmark: Any, scale: Any, fresh: Any) -> None:
                 con.executemany(SQL_INSERT_VIEW, zip(b["user"].tolist(), b["photo"].tolist(),
                                                      b["ts"].tolist(), b["ms"].tolist()))
 
-    benchmark.pedantic(run, setup=setup, rounds=scale.append_rounds, iterations=1)
+    benchmark.pedantic(run, setup=setup, rounds=scale.peer_rounds, iterations=1)
     assert _sqlite_count(cons[-1], "views") == n
 
 
@@ -220,7 +220,7 @@ def test_dispatch_sqlite(benchmark: Any, scale: Any, fresh: Any) -> None:
             execute(SQL_INSERT, (u, p, t))
         con.commit()
 
-    benchmark.pedantic(run, setup=setup, rounds=scale.dispatch_rounds, iterations=1)
+    benchmark.pedantic(run, setup=setup, rounds=scale.peer_rounds, iterations=1)
     assert _sqlite_count(cons[-1]) == n
 
 
@@ -263,7 +263,7 @@ def test_dispatch_eventsourcing(benchmark: Any, scale: Any, peers: Any) -> None:
             agg.like(p, t)
             save(agg)
 
-    benchmark.pedantic(run, setup=setup, rounds=scale.dispatch_rounds, iterations=1)
+    benchmark.pedantic(run, setup=setup, rounds=scale.peer_rounds, iterations=1)
     app, aggs = apps[-1]
     assert sum(a.likes for a in aggs.values()) == n
 
@@ -430,7 +430,7 @@ def test_durable_sqlite(benchmark: Any, scale: Any, fresh: Any, aio: Any) -> Non
     def check() -> None:
         assert _sqlite_count(cons[-1]) == n
 
-    _durable(benchmark, aio, scale, "sqlite", n, scale.durable_rounds, make_call, check)
+    _durable(benchmark, aio, scale, "sqlite", n, scale.peer_rounds, make_call, check)
 
 
 @pytest.fixture(scope="module")
@@ -505,7 +505,7 @@ def test_durable_nats_jetstream(benchmark: Any, scale: Any, aio: Any, nats_serve
         assert info.state.messages == n
 
     try:
-        _durable(benchmark, aio, scale, "nats-jetstream", n, scale.durable_rounds, make_call, check)
+        _durable(benchmark, aio, scale, "nats-jetstream", n, scale.peer_rounds, make_call, check)
     finally:
         if "nc" in state:
             aio.run_until_complete(state["nc"].close())

@@ -26,6 +26,7 @@ class Scale:
     """Sizes per suite. ``*_rounds`` are measured rounds where each needs a fresh directory."""
 
     name: str
+    peer_rounds: int  # rounds of the slow peers (sqlite, eventsourcing, nats), sizes capped below
     # append-columnar
     append_actions: int
     append_rounds: int
@@ -48,7 +49,7 @@ class Scale:
 
 SCALES: dict[str, Scale] = {
     "smoke": Scale(
-        "smoke",
+        "smoke", peer_rounds=1,
         append_actions=2 * 65_536, append_rounds=1, append_sqlite_actions=2 * 65_536,
         dispatch_actions=5_000, dispatch_rounds=1, dispatch_sqlite_actions=5_000,
         dispatch_eventsourcing_actions=1_000,
@@ -57,16 +58,16 @@ SCALES: dict[str, Scale] = {
         scan_actions=2 * 65_536, scan_rounds=1,
     ),
     "quick": Scale(
-        "quick",
-        append_actions=2_000_000, append_rounds=3, append_sqlite_actions=1_000_000,
-        dispatch_actions=300_000, dispatch_rounds=3, dispatch_sqlite_actions=300_000,
+        "quick", peer_rounds=3,
+        append_actions=4_000_000, append_rounds=5, append_sqlite_actions=1_000_000,
+        dispatch_actions=300_000, dispatch_rounds=5, dispatch_sqlite_actions=300_000,
         dispatch_eventsourcing_actions=20_000,
-        durable_producers=1_000, durable_actions=50_000, durable_rounds=3,
-        durable_sqlite_actions=1_000, durable_nats_actions=3_000,
-        scan_actions=2_000_000, scan_rounds=10,
+        durable_producers=1_000, durable_actions=100_000, durable_rounds=5,
+        durable_sqlite_actions=2_000, durable_nats_actions=3_000,
+        scan_actions=4_000_000, scan_rounds=20,
     ),
     "full": Scale(
-        "full",
+        "full", peer_rounds=3,
         append_actions=10_000_000, append_rounds=5, append_sqlite_actions=10_000_000,
         dispatch_actions=1_000_000, dispatch_rounds=5, dispatch_sqlite_actions=1_000_000,
         dispatch_eventsourcing_actions=100_000,

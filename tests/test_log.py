@@ -224,3 +224,20 @@ def test_new_directory_needs_types_and_valid_args(tmp_path):
     with pytest.raises(ValueError, match="shards"):
         en.open(tmp_path / "z", TYPES, shards=0)
     assert {LIKE.name, POST.name, PROFILE.name} == {t.name for t in TYPES}
+
+
+def test_fast_dispatcher_equals_dispatch(tmp_path):
+    with en.open(tmp_path / "a", TYPES, shards=3, durability="none") as a, \
+            en.open(tmp_path / "b", TYPES, shards=3, durability="none") as b:
+        d = a.dispatcher("like")
+        offs_a = [d(u, u * 7, u * 11) for u in range(-50, 500)]
+        offs_b = [b.dispatch("like", user=u, photo=u * 7, ts=u * 11) for u in range(-50, 500)]
+        assert offs_a == offs_b
+        with pytest.raises(en.ValidationError, match="photo"):
+            d(1, 2**70, 3)
+        with pytest.raises(en.ValidationError):
+            d(1, 2)
+        a.flush()
+        b.flush()
+        assert [read_all(a, s) for s in range(3)] == [read_all(b, s) for s in range(3)]
+        assert sum(a.end_offset(s) for s in range(3)) == 550
