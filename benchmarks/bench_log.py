@@ -1,4 +1,5 @@
-"""The log's four suites (shared BENCH.md): append-columnar, dispatch-single, dispatch-durable, scan.
+"""The log's four suites (shared BENCH.md): append-columnar, dispatch-single, dispatch-durable
+and scan.
 
 Every benchmark measures the engine or one of its peers / limits on the same seeded actions
 (``data.py``): the columnar suites use "view" (a user key + photo, ts, ms: BENCH.md's
@@ -8,7 +9,8 @@ key, ts: three arguments per call). Each sets ``benchmark.group``, ``extra_info[
 a run into ratios. Where each round needs a fresh directory, ``benchmark.pedantic`` runs a
 setup (outside the timing) per round.
 
-    ENGINE_BENCH_SCALE=quick pytest benchmarks/bench_log.py --benchmark-only --benchmark-json=out.json
+    ENGINE_BENCH_SCALE=quick pytest benchmarks/bench_log.py --benchmark-only \\
+        --benchmark-json=out.json
 """
 
 from __future__ import annotations
@@ -21,18 +23,21 @@ import sqlite3
 import struct
 import subprocess
 import time
-from typing import Any, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import crc32c
 import numpy as np
 import pytest
-
-import engine as en
 from data import BATCH, LIKE, VIEW, batches, frame_bytes, like_rows, view_columns
 
-SQL_CREATE = ("CREATE TABLE likes (user INTEGER NOT NULL, photo INTEGER NOT NULL, ts INTEGER NOT NULL)",
-              "CREATE TABLE views (user INTEGER NOT NULL, photo INTEGER NOT NULL, "
-              "ts INTEGER NOT NULL, ms INTEGER NOT NULL)")
+import engine as en
+
+SQL_CREATE = (
+    "CREATE TABLE likes (user INTEGER NOT NULL, photo INTEGER NOT NULL, ts INTEGER NOT NULL)",
+    ("CREATE TABLE views (user INTEGER NOT NULL, photo INTEGER NOT NULL, "
+     "ts INTEGER NOT NULL, ms INTEGER NOT NULL)"),
+)
 SQL_INSERT = "INSERT INTO likes (user, photo, ts) VALUES (?, ?, ?)"
 SQL_INSERT_VIEW = "INSERT INTO views (user, photo, ts, ms) VALUES (?, ?, ?, ?)"
 
@@ -264,7 +269,7 @@ def test_dispatch_eventsourcing(benchmark: Any, scale: Any, peers: Any) -> None:
             save(agg)
 
     benchmark.pedantic(run, setup=setup, rounds=scale.peer_rounds, iterations=1)
-    app, aggs = apps[-1]
+    _app, aggs = apps[-1]
     assert sum(a.likes for a in aggs.values()) == n
 
 
@@ -390,7 +395,8 @@ class _GroupCommitFile:
         os.close(self.fd)
 
 
-def test_durable_limit_asyncio_group_commit(benchmark: Any, scale: Any, fresh: Any, aio: Any) -> None:
+def test_durable_limit_asyncio_group_commit(benchmark: Any, scale: Any, fresh: Any,
+                                            aio: Any) -> None:
     n = scale.durable_actions
     size = -(-(n * (24 + 64) + (1 << 20)) // 4096) * 4096
     files: list[_GroupCommitFile] = []
@@ -442,7 +448,7 @@ def nats_server(tmp_path_factory: Any, peers: Any) -> Any:
     conf = d / "nats.conf"
     conf.write_text(f'host: 127.0.0.1\nport: -1\njetstream {{\n  store_dir: "{d / "js"}"\n'
                     "  sync_interval: always\n}\n")
-    log = open(d / "server.log", "wb")
+    log = open(d / "server.log", "wb")  # noqa: SIM115 - the server writes it until teardown
     proc = subprocess.Popen([binary, "-c", str(conf), "--ports_file_dir", str(d)],
                             stdout=log, stderr=subprocess.STDOUT)
     ports = d / f"nats-server_{proc.pid}.ports"

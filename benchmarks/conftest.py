@@ -13,8 +13,9 @@ import importlib
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -172,7 +173,7 @@ class Fresh:
         for fn in reversed(todo):
             try:
                 fn()
-            except Exception as exc:  # close everything, then report the first failure
+            except Exception as exc:  # noqa: BLE001 - close everything, report the first failure
                 errors.append(exc)
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)

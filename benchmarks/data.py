@@ -14,9 +14,18 @@ import engine as en
 from engine.workload import likes, uniform_keys, zipf_keys
 
 __all__ = [
-    "LIKE", "VIEW", "BATCH", "SEED", "like_columns", "like_rows", "view_columns", "batches",
+    "BATCH",
+    "LIKE",
+    "SEED",
+    "VIEW",
+    "batches",
     "frame_bytes",
-    "likes", "uniform_keys", "zipf_keys",
+    "like_columns",
+    "like_rows",
+    "likes",
+    "uniform_keys",
+    "view_columns",
+    "zipf_keys",
 ]  # fmt: skip
 
 #: One action per call (dispatch suites): two key fields and a timestamp, three arguments.

@@ -195,7 +195,8 @@ def reduce_sum(sum: np.ndarray, key_ids: Any, values: Any, mask: Any = None) -> 
     m = _mask(mask, ids.shape[0])
     _check_range(ids, m, s.shape[0], "sum")
     ids, v = _kept(ids, v, m)
-    np.add.at(s, ids, v)  # unbuffered, in row order
+    with np.errstate(all="ignore"):  # inf - inf and overflow to inf are results, not errors
+        np.add.at(s, ids, v)  # unbuffered, in row order
 
 
 def _extreme(out: Any, seen: Any, key_ids: Any, values: Any, mask: Any, largest: bool) -> None:
@@ -283,7 +284,8 @@ def fold_count_sum_last(count: np.ndarray, sum: np.ndarray, last: np.ndarray,  #
     _check_range(ids, m, _lengths(c, s, last_), "count, sum, last")
     ids, v = _kept(ids, v, m)
     c += np.bincount(ids, minlength=c.shape[0])[: c.shape[0]]
-    np.add.at(s, ids, v)
+    with np.errstate(all="ignore"):
+        np.add.at(s, ids, v)
     _assign_last(last_, ids, v)
 
 

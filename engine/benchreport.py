@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["report", "load", "Row", "BARS", "format_rate", "format_ratio"]
+__all__ = ["BARS", "Row", "format_rate", "format_ratio", "load", "report"]
 
 ENGINE = "engine"
 
@@ -204,9 +204,9 @@ def report(json_path: str, png: str | None = None) -> int:
             ratio = None
             if engine is not None and r is not engine and engine.rate and r.rate:
                 ratio = engine.rate / r.rate
-            t.add_row(escape(r.system), _format_time(r.median_s), format_rate(r.rate), _format_us(r.p50_us),
-                      _format_us(r.p99_us), "" if r is engine else format_ratio(ratio),
-                      _bar_cell(r, engine, ratio))
+            t.add_row(escape(r.system), _format_time(r.median_s), format_rate(r.rate),
+                      _format_us(r.p50_us), _format_us(r.p99_us),
+                      "" if r is engine else format_ratio(ratio), _bar_cell(r, engine, ratio))
         con.print(t)
         if engine is None:
             con.print("  (no engine row in this group: ratios need the engine's figure)")
@@ -226,13 +226,14 @@ def _chart(rows: list[Row], png: str) -> None:
     sections = [s for s in sections if s[2]]
     n = max(1, len(sections))
     height = sum(0.6 + 0.32 * len(rs) for _, _, rs in sections) or 2
+    ratios = [max(1, len(s[2])) for s in sections] or [1]
     fig, axes = plt.subplots(n, 1, figsize=(9, max(2.5, height)), squeeze=False,
-                             gridspec_kw={"height_ratios": [max(1, len(s[2])) for s in sections] or [1]})
+                             gridspec_kw={"height_ratios": ratios})
     for ax, (group, variant, rs) in zip(axes[:, 0], sections):
         names = [r.system for r in rs][::-1]
         rates = [r.rate for r in rs][::-1]
-        colors = ["tab:orange" if s == ENGINE else "tab:gray" if s.startswith("limit-") else "tab:blue"
-                  for s in names]
+        colors = ["tab:orange" if s == ENGINE else "tab:gray" if s.startswith("limit-")
+                  else "tab:blue" for s in names]
         ax.barh(names, rates, color=colors)
         ax.set_xscale("log")
         ax.set_title(group if not variant else f"{group} [{variant}]", loc="left", fontsize=10)

@@ -294,7 +294,7 @@ cdef class Int64Interner:
                 dup_id[0] = self.slots[s].ref - 1
                 while self.n > n0:   # newest first: each step restores the earlier table
                     self.n -= 1
-                    self.slots[self._find(self.key_at[self.n])].ref = 0
+                    pass
                 return i
             self.slots[s].key, self.slots[s].ref = v[i], self.n + 1
             self.key_at[self.n] = v[i]
@@ -313,7 +313,7 @@ cdef class Int64Interner:
     cdef inline void _enter(self):
         """Claim the interner before releasing the GIL."""
         self._idle()
-        self.busy = False
+        self.busy = True
         PyThread_acquire_lock(self.lock, WAIT_LOCK)  # held at most an instant by a waiter
 
     cdef inline void _leave(self):

@@ -8,8 +8,8 @@ import os
 from engine.benchreport import format_rate, load, report
 
 
-def _bench(name: str, group: str, system: str, median: float, actions: int, param: str | None = None,
-           **extra: float) -> dict:
+def _bench(name: str, group: str, system: str, median: float, actions: int,
+           param: str | None = None, **extra: float) -> dict:
     return {
         "name": name if param is None else f"{name}[{param}]",
         "group": group,
@@ -82,7 +82,8 @@ def test_load_matches_by_group_param_and_system(tmp_path):
         _bench("c", "scan", "engine", 0.1, 1_000, "y"),
     ])
     rows = {(r.group, r.variant, r.system): r for r in load(path)}
-    assert set(rows) == {("scan", "x", "engine"), ("scan", "x", "limit-memread"), ("scan", "y", "engine")}
+    assert set(rows) == {("scan", "x", "engine"), ("scan", "x", "limit-memread"),
+                         ("scan", "y", "engine")}
     assert rows[("scan", "x", "engine")].rate == 2_000
     assert rows[("scan", "y", "engine")].rate == 10_000
 

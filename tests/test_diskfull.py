@@ -53,19 +53,19 @@ def _enospc(*_args, **_kwargs):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
-def _fail_after(monkeypatch, module, name: str, n: int) -> list[int]:
-    """Make ``module.name`` raise ENOSPC from its (n+1)-th call on; returns the call counter."""
+def _fail_after(monkeypatch, module, name: str, n: int) -> None:
+    """Make ``module.name`` raise ENOSPC from its (n+1)-th call on."""
     real = getattr(module, name)
-    calls = [0]
+    calls = 0
 
     def maybe(*args, **kwargs):
-        calls[0] += 1
-        if calls[0] > n:
+        nonlocal calls
+        calls += 1
+        if calls > n:
             _enospc()
         return real(*args, **kwargs)
 
     monkeypatch.setattr(module, name, maybe)
-    return calls
 
 
 def _assert_tells_what_to_do(exc: DiskFullError) -> None:
@@ -296,3 +296,23 @@ def test_many_new_int_keys_do_not_hang(tmp_path):
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: a writable open that fails with DiskFullError (a new "
+                   "segment for a shard whose last one is sealed) does not release what it opened: "
+                   "while the error is alive the LOCK stays held and a retry gets 'open for writing "
+                   "by another process' (engine/log.py Log.__init__)")
+def test_failed_open_on_a_full_disk_can_be_retried(tmp_path, monkeypatch):
+    path = str(tmp_path / "log")
+    with en.open(path, TYPES, shards=1, durability="sync", limits=LIMITS) as log:
+        log.dispatch("like", user=1, photo=1, ts=1)
+        log.roll()  # seals segment 0 and creates segment 1
+    os.unlink(os.path.join(path, "shards", "0000", "00000000000000000001.seg"))  # as after a
+    # roll that sealed segment 0 and then found the disk full
+    monkeypatch.setattr(os, "posix_fallocate", _enospc)
+    with pytest.raises(DiskFullError) as info:
+        en.open(path, durability="sync", limits=LIMITS)
+    _assert_tells_what_to_do(info.value)
+    monkeypatch.undo()  # space is back; the caller still holds the error (logs it, retries)
+    with en.open(path, durability="sync", limits=LIMITS) as log:
+        assert log.dispatch("like", user=1, photo=2, ts=2) == 1
