@@ -173,7 +173,14 @@ def write_frame(
     """
     length, places = frame_layout(columns)
     view = np.frombuffer(buf, np.uint8, count=length, offset=pos)
-    view[:] = 0  # padding must be deterministic for the CRC, whatever was there before
+    # Padding must be deterministic for the CRC whatever was there before; zero only the
+    # header, the descriptors and the padding, never the bytes about to be copied.
+    first_buf = min([p[0] for p in places] + [p[2] for p in places if p[3]] + [length])
+    view[:first_buf] = 0
+    for data_off, data_len, aux_off, aux_len in places:
+        view[data_off + data_len : _align(data_off + data_len)] = 0
+        if aux_len:
+            view[aux_off + aux_len : _align(aux_off + aux_len)] = 0
     for i, (col, (data_off, data_len, aux_off, aux_len)) in enumerate(zip(columns, places)):
         _DESC.pack_into(
             buf, pos + HEADER_BYTES + DESC_BYTES * i,

@@ -103,6 +103,7 @@ class Log:
             self._committer = threading.Thread(target=self._commit_loop, name="engine-commit", daemon=True)
             self._committer.start()
         self._async_waiters: list[tuple[int, asyncio.Future]] = []
+        self._fast: dict[str, Any] = {}  # type name -> native dispatcher (dispatch_async)
         self._async_scheduled = False
 
     # -- metadata --------------------------------------------------------------------------
@@ -258,11 +259,7 @@ class Log:
         returns once durable, like ``dispatch``.
         """
         self._check_writable()
-        at = self.schema[type_name]
-        tid = self.schema.type_id(type_name)
-        fallback = functools.partial(at.validate_row, limits=self.limits)
-        d = self._rowbuf.dispatcher(tid, [None] * len(at.field_names), fallback,
-                                    string_bytes_max=self.limits.string_bytes_max)
+        d = self._native_dispatcher(type_name)
         self._rowbuf.on_full = self._on_full
         if self.durability == "none":
             return d
@@ -275,20 +272,36 @@ class Log:
 
         return durable
 
+    def _native_dispatcher(self, type_name: str) -> Any:
+        at = self.schema[type_name]
+        fallback = functools.partial(at.validate_row, limits=self.limits)
+        d = self._rowbuf.dispatcher(self.schema.type_id(type_name), [None] * len(at.field_names),
+                                    fallback, string_bytes_max=self.limits.string_bytes_max)
+        return d
+
     def _on_full(self) -> None:
         with self._lock:
             self._flush_pending_locked()
 
     async def dispatch_async(self, type_name: str, /, **fields: Any) -> int:
         """Append one action; resolves once it is durable (all producers share fdatasyncs)."""
-        self._check_writable()
-        at = self.schema[type_name]
-        row = at.validate_one(fields, self.limits)
-        type_id = self.schema.type_id(type_name)
+        if self._closed or self.readonly:
+            self._check_writable()
+        fast = self._fast.get(type_name)
+        if fast is None:
+            fast = self._fast[type_name] = (self._native_dispatcher(type_name),
+                                            self.schema[type_name].field_names)
+        d, names = fast
+        values = [fields[f] for f in names] if len(fields) == len(names) and all(
+            f in fields for f in names) else None
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         with self._lock:
-            offset = self._rowbuf.add_offset(type_id, row)
+            if values is not None:
+                offset = d(*values)  # validated natively (or by the schema's fallback)
+            else:
+                row = self.schema[type_name].validate_one(fields, self.limits)
+                offset = self._rowbuf.add_offset(self.schema.type_id(type_name), row)
             self._async_waiters.append((offset, fut))
         if not self._async_scheduled:
             self._async_scheduled = True
@@ -351,8 +364,9 @@ class Log:
         self._written_seq += 1
 
     # -- durability ------------------------------------------------------------------------
-    def _after_write(self, seq: int) -> None:
-        if self.durability == "sync":
+    def _after_write(self, seq: int, gather: bool = False) -> None:
+        """Wait per the durability mode. ``gather``: let the committer batch more callers."""
+        if self.durability == "sync" or (self.durability == "group" and not gather):
             self._sync_to(seq)
         elif self.durability == "group":
             self._committer_wake.set()
@@ -361,6 +375,12 @@ class Log:
                     self._sync_cond.wait(0.05)
 
     def _make_durable(self) -> None:
+        if self.durability == "group":
+            # leave single actions in the buffer: the committer cuts one frame for many callers
+            with self._lock:
+                seq = self._written_seq + (1 if self._rowbuf.total else 0)
+            self._after_write(seq, gather=True)
+            return
         with self._lock:
             self._flush_pending_locked()
             seq = self._written_seq
@@ -400,9 +420,9 @@ class Log:
             if self._closed:
                 break
             if self.durability == "group":
-                time.sleep(interval / 4)  # gather more writers into this commit (bounded delay)
-                if self._synced_seq < self._written_seq:
-                    self._sync_to(self._written_seq)
+                if self._rowbuf.total or self._synced_seq < self._written_seq:
+                    time.sleep(interval / 4)  # gather more callers into this commit (bounded)
+                    self._sync_to(self._written_seq + (1 if self._rowbuf.total else 0))
             elif self._pending_n:
                 with self._lock:
                     self._flush_pending_locked()

@@ -476,11 +476,11 @@ def test_bad_arguments_raise_the_same_error_in_both(name):
 def test_inputs_may_be_lists_strided_or_empty_of_any_dtype(mod):
     c = np.zeros(4, np.int64)
     mod.reduce_count(c, [0, 1, 1])
-    mod.reduce_count(c, np.arange(8, dtype=np.int64)[::2])   # strided: copied
+    mod.reduce_count(c, np.arange(4, dtype=np.int64)[::2])   # strided: copied
     mod.reduce_count(c, np.array([], dtype=np.float64))
     s = np.zeros(4)
     mod.reduce_sum(s, [], [])
-    assert c.tolist() == [2, 2, 1, 1] and s.tolist() == [0.0] * 4
+    assert c.tolist() == [2, 2, 1, 0] and s.tolist() == [0.0] * 4
     assert mod.topk([], 3).tolist() == [] and mod.changed_keys(s, s, []).tolist() == []
 
 
