@@ -16,7 +16,8 @@ key domain).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field as dc_field
 from typing import Any, Callable
 
 import numpy as np
@@ -31,7 +32,7 @@ class Reducer:
     op: str  # one of BUILTIN_OPS, "kernel" or "python"
     column: str | tuple[str, ...]  # state column(s) written
     field: str | tuple[str, ...] | None = None  # action field(s) read
-    fn: Callable[..., Any] | None = field(default=None, compare=False)
+    fn: Callable[..., Any] | None = dc_field(default=None, compare=False)
     distinct: bool = True  # "add" only
 
     @property

@@ -5,15 +5,19 @@ from __future__ import annotations
 import numpy as np
 
 
-def zipf_keys(n: int, keys: int, seed: int, s: float = 1.1) -> np.ndarray:
-    """``n`` int64 keys in [0, keys) with Zipf(s) popularity (rank 0 most popular), shuffled ids."""
+def zipf_keys(n: int, keys: int, seed: int, s: float = 1.1, perm_seed: int | None = None) -> np.ndarray:
+    """``n`` int64 keys in [0, keys) with Zipf(s) popularity (rank 0 most popular), shuffled ids.
+
+    Draws with the same ``perm_seed`` share which ids are popular.
+    """
     rng = np.random.default_rng(seed)
     ranks = np.arange(1, keys + 1, dtype=np.float64)
     p = ranks ** -s
     cdf = np.cumsum(p)
     cdf /= cdf[-1]
     idx = np.searchsorted(cdf, rng.random(n)).astype(np.int64)
-    perm = rng.permutation(keys).astype(np.int64)  # popular keys are not simply the small ids
+    perm_rng = rng if perm_seed is None else np.random.default_rng(perm_seed)
+    perm = perm_rng.permutation(keys).astype(np.int64)  # popular keys are not simply small ids
     return perm[np.minimum(idx, keys - 1)]
 
 
@@ -56,7 +60,7 @@ def photo_app(n: int, users: int, seed: int, t0_ns: int = 1_700_000_000_000_000_
     n_comment = n // 10
     n_like = n - n_post - n_follow - n_comment
     photos = n_post
-    author = zipf_keys(n_post, users, seed + 1, s=0.9)
+    author = zipf_keys(n_post, users, seed + 1, s=0.9, perm_seed=seed)
     post_ts = t0_ns + np.sort(rng.integers(0, 10**12, n_post))
     caps = captions(n_post, seed + 2)
     tokens: list[str] = []
@@ -70,12 +74,12 @@ def photo_app(n: int, users: int, seed: int, t0_ns: int = 1_700_000_000_000_000_
                   "ts": post_ts}),
         ("tag", {"token": tokens, "photo": np.array(tag_photo, np.int64)}),
         ("follow", {"user": zipf_keys(n_follow, users, seed + 3, s=0.6),
-                    "target": zipf_keys(n_follow, users, seed + 4, s=1.1)}),
+                    "target": zipf_keys(n_follow, users, seed + 4, s=1.1, perm_seed=seed)}),
         ("like", {"user": zipf_keys(n_like, users, seed + 5, s=0.8),
-                  "photo": zipf_keys(n_like, photos, seed + 6, s=1.1),
+                  "photo": zipf_keys(n_like, photos, seed + 6, s=1.1, perm_seed=seed + 100),
                   "ts": t0_ns + 10**12 + np.cumsum(rng.integers(1, 1000, n_like, dtype=np.int64))}),
         ("comment", {"user": zipf_keys(n_comment, users, seed + 7, s=0.8),
-                     "photo": zipf_keys(n_comment, photos, seed + 8, s=1.1),
+                     "photo": zipf_keys(n_comment, photos, seed + 8, s=1.1, perm_seed=seed + 100),
                      "text": captions(n_comment, seed + 9, words=3)}),
     ]
     return chunks

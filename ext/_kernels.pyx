@@ -14,8 +14,11 @@ ran ~1.5x slower. Before any write, one pass over the key ids proves every kept 
 With 1M keys the outputs outgrow the caches and every row costs a miss per output array:
 the loops prefetch the outputs of the row PREFETCH_AHEAD rows on, which makes them 2-3x
 faster. int64 sums add as uint64 (wraparound is defined there, signed overflow is not).
+Functions that take ``&view[0]`` of a possibly empty view are ``boundscheck(False)`` even in
+the debug build: that is an address computation, and no loop reads it when the view is empty.
 """
 
+cimport cython
 from libc.stdint cimport INT64_MAX, INT64_MIN, int64_t, uint8_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcpy
@@ -102,6 +105,7 @@ cdef Py_ssize_t _first_bad(Rows r) noexcept nogil:
     return -1
 
 
+@cython.boundscheck(False)  # &view[0] of an empty view: an address, never read
 cdef Rows _rows(object ids, object m, Py_ssize_t keys, str outputs,
                 Py_ssize_t bytes_per_key) except *:
     """The checked rows of a call; ValueError naming `outputs` unless every kept id < keys.
@@ -235,16 +239,19 @@ cdef void _ring_push(Rows r, int64_t* ring, uint64_t width, int64_t* head,
 
 # ---- entries: typed memoryviews (they check dtype and writeability) to pointers -------------
 
+@cython.boundscheck(False)
 cdef _sum_entry(Rows r, num_t[::1] s, const num_t[::1] v):
     with nogil:
         _sum(r, &s[0], &v[0])
 
 
+@cython.boundscheck(False)
 cdef _seen_entry(int op, Rows r, num_t[::1] o, uint8_t[::1] seen, const num_t[::1] v):
     with nogil:
         _seen_op(op, r, &o[0], &seen[0], &v[0])
 
 
+@cython.boundscheck(False)
 cdef _fold_entry(Rows r, int64_t[::1] c, num_t[::1] s, num_t[::1] l, const num_t[::1] v):
     with nogil:
         _fold(r, &c[0], &s[0], &l[0], &v[0])
@@ -252,6 +259,7 @@ cdef _fold_entry(Rows r, int64_t[::1] c, num_t[::1] s, num_t[::1] l, const num_t
 
 # ---- reducers ---------------------------------------------------------------------------------
 
+@cython.boundscheck(False)
 def reduce_count(count, key_ids, mask=None):
     """``count[k] += 1`` for every kept row with key id ``k``."""
     c = _out(count, "count", (INT64,))
@@ -324,6 +332,7 @@ def fold_count_sum_last(count, sum, last, key_ids, values, mask=None):
         _fold_entry[double](r, c, s, l, v)
 
 
+@cython.boundscheck(False)
 def fold_count_sum_last_rows(state, key_ids, values, mask=None):
     """``fold_count_sum_last`` with ``state[k] = [count, sum, last]`` together (int64 only).
 
@@ -343,6 +352,7 @@ def fold_count_sum_last_rows(state, key_ids, values, mask=None):
 
 # ---- rings of the last N values ---------------------------------------------------------------
 
+@cython.boundscheck(False)
 def ring_push(ring, head, key_ids, values, mask=None):
     """Push each kept value into its key's ring: ``ring[k, head[k] % N] = v; head[k] += 1``.
 
@@ -404,6 +414,7 @@ cdef Py_ssize_t _changed(Rows r, const num_t* old, const num_t* new, uint8_t* ma
     return n
 
 
+@cython.boundscheck(False)
 cdef Py_ssize_t _changed_entry(Rows r, const num_t[::1] old, const num_t[::1] new,
                                uint8_t* marks, int64_t[::1] out):
     with nogil:
@@ -504,12 +515,14 @@ cdef Py_ssize_t _topk(const num_t* v, Py_ssize_t n, const uint8_t* m, Ranked* h,
     return size
 
 
+@cython.boundscheck(False)
 cdef Py_ssize_t _topk_entry(const num_t[::1] v, const uint8_t* m, Ranked* h, Py_ssize_t k,
                             int64_t[::1] out):
     with nogil:
         return _topk(&v[0], v.shape[0], m, h, k, &out[0])
 
 
+@cython.boundscheck(False)
 def topk(values, k, mask=None):
     """Ids (positions) of the ``k`` largest values, largest first, ties by smaller id.
 
