@@ -41,7 +41,7 @@ _FNV_OFFSET = 0xCBF29CE484222325
 _FNV_PRIME = 0x100000001B3
 
 
-# ---- input checks (mirrored in ext/_keys.pyx) -------------------------------------------------
+# ---- input checks: the array ones are imported by ext/_keys.pyx, the scalar ones mirrored there --
 
 
 def _int64(value: Any, name: str) -> int:
@@ -60,7 +60,7 @@ def _check_shards(shards: Any) -> int:
 
 
 def _int64_vector(values: Any, name: str) -> np.ndarray:
-    """``values`` as a 1-D int64 ndarray, never copied; lists of ints also work."""
+    """``values`` as a 1-D int64 ndarray; arrays are never copied, lists of ints also work."""
     arr = np.asarray(values)
     if arr.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got {arr.ndim} dimensions")

@@ -72,6 +72,8 @@ class App:
             else:
                 shutil.rmtree(d)  # the definition changed under the same version: rebuild
         store.checkpoint_generation = getattr(store, "checkpoint_generation", None)
+        if os.path.exists(os.path.join(d, "FAILED.json")):
+            os.unlink(os.path.join(d, "FAILED.json"))  # a restart retries from the checkpoint
         if os.path.isdir(d):  # generations a crash left behind, never referenced
             for name in os.listdir(d):
                 if name.startswith("gen-") and name != store.checkpoint_generation:
@@ -98,6 +100,9 @@ class App:
         else:
             n = sum(self._pool.map(lambda s: self._fold_shard(s, progress), shards))
         self._since_ckpt += n
+        for store in self.stores.values():
+            if store.status is StoreState.FAILED and not getattr(store, "_failure_recorded", False):
+                self._record_failure(store)
         if self._checkpoint_due():
             self.checkpoint()
         return n
@@ -117,6 +122,43 @@ class App:
             if progress is not None:
                 progress(batch.end_offset - batch.first_offset)
         return n
+
+    def _record_failure(self, store: Store) -> None:
+        """Make a FAILED store visible to other processes (``python -m engine inspect``)."""
+        d = self.store_dir(store)
+        os.makedirs(d, exist_ok=True)
+        write_json_atomic(os.path.join(d, "FAILED.json"), {
+            "store": store.name, "version": store.version, "error": repr(store.error),
+            "shard": store.failed_at[0] if store.failed_at else None,
+            "offset": store.failed_at[1] if store.failed_at else None})
+        store._failure_recorded = True
+
+    def as_of(self, store: str, offsets: int | Sequence[int]) -> Store:
+        """A temporary copy of ``store`` folded up to ``offsets`` (one int per shard, or one
+        int for a one-shard log): its checkpoint if that is not past them, plus replay."""
+        src = self[store]
+        target = [offsets] * self.log.shards if isinstance(offsets, int) else list(offsets)
+        tmp = Store(src.name, src.domain, src.user_columns, src.reducers, version=src.version,
+                    key_fields=src.key_fields)
+        tmp.bind(self.log.schema, self.log.shards)
+        tmp.log = self.log
+        man = os.path.join(self.store_dir(src), MANIFEST)
+        if os.path.exists(man):
+            import json
+
+            with open(man) as f:
+                m = json.load(f)
+            if (m["definition"] == tmp.definition_hash()
+                    and all(o <= t for o, t in zip(m["offsets"], target))):
+                gen = os.path.join(self.store_dir(src), m["generation"])
+                tmp.shards = [ShardState.read(tmp.columns, os.path.join(gen, f"shard-{s}"), sm)
+                              for s, sm in enumerate(m["shards"])]
+        tmp.transition(StoreState.RUNNING)
+        for s in range(self.log.shards):
+            d = self.log.dicts[tmp.domain]
+            for batch in self.log.shard_logs[s].read(tmp.shards[s].offset, target[s]):
+                tmp.apply(s, batch, len(d))
+        return tmp
 
     def _checkpoint_due(self) -> bool:
         if self.checkpoint_every_actions is not None and self._since_ckpt >= self.checkpoint_every_actions:

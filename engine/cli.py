@@ -56,6 +56,12 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
                       f"[{seg['offsets'][0]}, {seg['offsets'][1]})", str(seg["frames"]),
                       f"{seg['bytes_used']} / {seg['bytes_file']}")
     con.print(s)
+    if info["stores"]:
+        st = Table("store", "state", "checkpoint offsets", "error")
+        for name, si in info["stores"].items():
+            st.add_row(name, si["state"], str(si.get("offsets", "")),
+                       f"{si.get('error', '')} at {si.get('failed_at', '')}" if si.get("error") else "")
+        con.print(st)
     for line in info["recovery"]:
         con.print(f"recovery: {line}")
     return 0

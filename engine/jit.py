@@ -4,7 +4,9 @@ The ``*_numba`` kernels have the native kernels' shape and results (``engine._ke
 contract is the docstring of ``engine._kernels_py``): ``reduce_<op>_numba(out..., key_ids,
 values, mask=None) -> None``, outputs owned by the caller, int64 sums wrapping, the same NaN
 rules. They are the ``limit-kernel`` of the benchmarks and a template to copy for your own
-kernels; being numba dispatchers, they can be called from other ``@njit`` code.
+kernels; being numba dispatchers, they can be called from other ``@njit`` code. Like the native
+loops they prefetch the outputs of the row PREFETCH_AHEAD rows on once the outputs outgrow the
+L2 (2-3x faster on 1M keys); ``prefetch_write`` is the intrinsic, for your kernels too.
 
 Unlike the native module they do not check dtypes: numba compiles a specialisation for
 whatever it is given. They do check, before any write, that every kept key id indexes the
@@ -220,7 +222,7 @@ def fold_count_sum_last_numba(count, sum, last, key_ids, values, mask=None):  # 
 
 @_njit
 def fold_count_sum_last_rows_numba(state, key_ids, values, mask=None):  # type: ignore[no-untyped-def]  # noqa: E501
-    """state: (nkeys, >= 3) int64, row k = [count, sum, last, (padding)]."""
+    """state: (nkeys, >= 3) of the values' dtype, row k = [count, sum, last, (padding)]."""
     keys = state.shape[0]
     check_key_ids_numba(key_ids, mask, keys)
     ahead = _ahead(keys, 8 * state.shape[1])
@@ -275,7 +277,7 @@ class Kernel:
 
     def __call__(self, state: Any, key_ids: Any, columns: Any, mask: Any = None) -> None:
         state = tuple(state)
-        columns = tuple(columns)
+        columns = tuple(np.asarray(c) for c in columns)  # numba takes arrays, not lists
         ids = np.asarray(key_ids)
         name = getattr(self.py_func, "__name__", "kernel")
         if ids.ndim != 1 or (ids.dtype != np.int64 and ids.shape[0]):
@@ -289,9 +291,9 @@ class Kernel:
                 raise TypeError(f"{name}: state[{j}] must be a writeable numpy array indexed "
                                 f"by key id, got {type(a).__name__}")
         for j, c in enumerate(columns):
-            if np.ndim(c) < 1 or len(c) != ids.shape[0]:
+            if c.ndim < 1 or c.shape[0] != ids.shape[0]:
                 raise ValueError(f"{name}: columns[{j}] must have one entry per key id "
-                                 f"({ids.shape[0]}), got shape {np.shape(c)}")
+                                 f"({ids.shape[0]}), got shape {c.shape}")
         if mask is not None:
             mask = np.asarray(mask)
             if mask.dtype not in (np.bool_, np.uint8) or mask.shape != ids.shape:

@@ -13,7 +13,7 @@ class Limits:
 
     frame_bytes_max: int = 64 << 20  # bytes; one frame, header included
     frame_actions_max: int = 1 << 20  # actions; a larger append is split into several frames
-    segment_bytes: int = 256 << 20  # bytes; preallocated size of every segment file
+    segment_bytes: int = 64 << 20  # bytes; preallocated size of every segment file
     string_bytes_max: int = 1 << 20  # bytes; one string or bytes value (UTF-8 encoded)
     batch_actions_max: int = 1 << 26  # actions; one call to append()
     fields_max: int = 256  # fields of one action type

@@ -83,6 +83,7 @@ def inspect(path: str) -> dict[str, Any]:
                       for at in log.schema},
             "key_domains": {d: {"kind": kd.kind, "keys": len(kd)} for d, kd in log.dicts.items()},
             "recovery": list(log.report),
+            "stores": _stores_info(log.path),
         }
         for s, sl in enumerate(log.shard_logs):
             segs = [{"file": os.path.basename(seg.path), "state": seg.state.value,
@@ -93,6 +94,30 @@ def inspect(path: str) -> dict[str, Any]:
         return out
     finally:
         log.close()
+
+
+def _stores_info(path: str) -> dict[str, Any]:
+    """Each store version's checkpoint offsets, and its failure if it failed."""
+    import json
+
+    out: dict[str, Any] = {}
+    root = os.path.join(path, "stores")
+    if not os.path.isdir(root):
+        return out
+    for name in sorted(os.listdir(root)):
+        for ver in sorted(os.listdir(os.path.join(root, name))):
+            d = os.path.join(root, name, ver)
+            info: dict[str, Any] = {"state": "never checkpointed"}
+            if os.path.exists(os.path.join(d, "MANIFEST.json")):
+                with open(os.path.join(d, "MANIFEST.json")) as f:
+                    m = json.load(f)
+                info = {"state": "checkpointed", "offsets": m["offsets"], "generation": m["generation"]}
+            if os.path.exists(os.path.join(d, "FAILED.json")):
+                with open(os.path.join(d, "FAILED.json")) as f:
+                    fail = json.load(f)
+                info.update(state="FAILED", error=fail["error"], failed_at=[fail["shard"], fail["offset"]])
+            out[f"{name}/{ver}"] = info
+    return out
 
 
 def tail(path: str, shard: int | None = None, start: int | None = None,

@@ -203,10 +203,10 @@ cdef void _fold(Rows r, int64_t* c, num_t* s, num_t* l, const num_t* v) noexcept
         l[k] = v[i]
 
 
-cdef void _fold_rows(Rows r, int64_t* st, Py_ssize_t width, const int64_t* v) noexcept nogil:
+cdef void _fold_rows(Rows r, num_t* st, Py_ssize_t width, const num_t* v) noexcept nogil:
     cdef Py_ssize_t i
     cdef int64_t k
-    cdef int64_t* p
+    cdef num_t* p
     for i in range(r.n):
         k = _ahead(r, i)
         if k >= 0:   # the row's first and last word: a 24-byte row may straddle two lines
@@ -333,21 +333,28 @@ def fold_count_sum_last(count, sum, last, key_ids, values, mask=None):
 
 
 @cython.boundscheck(False)
-def fold_count_sum_last_rows(state, key_ids, values, mask=None):
-    """``fold_count_sum_last`` with ``state[k] = [count, sum, last]`` together (int64 only).
+cdef _rows_entry(Rows r, num_t[:, ::1] st, const num_t[::1] v):
+    with nogil:
+        _fold_rows(r, &st[0, 0], st.shape[1], &v[0])
 
-    One key's three numbers share a cache line. ``state`` may have more than 3 columns (e.g. 4,
-    so that a row never straddles two cache lines); the extra columns are left alone.
+
+def fold_count_sum_last_rows(state, key_ids, values, mask=None):
+    """``fold_count_sum_last`` with ``state[k] = [count, sum, last]`` together in one row.
+
+    One key's three numbers share a cache line (the fastest layout on 1M keys). ``state`` has
+    the values' dtype: with float64 values the count is a float64 too, exact up to 2**53, and
+    grows by adding 1.0 per row. ``state`` may have more than 3 columns (e.g. 4, so that a row
+    never straddles two cache lines); the extra columns are left alone.
     """
     st = _row_state(state)
     ids = _key_ids(key_ids)
-    v = _values(values, ids.shape[0], INT64)
+    v = _values(values, ids.shape[0], st.dtype)
     m = _mask(mask, ids.shape[0])
     cdef Rows r = _rows(ids, m, st.shape[0], "state", 8 * st.shape[1])
-    cdef int64_t[:, ::1] sv = st
-    cdef const int64_t[::1] vv = v
-    with nogil:
-        _fold_rows(r, &sv[0, 0], sv.shape[1], &vv[0])
+    if st.dtype == INT64:
+        _rows_entry[int64_t](r, st, v)
+    else:
+        _rows_entry[double](r, st, v)
 
 
 # ---- rings of the last N values ---------------------------------------------------------------

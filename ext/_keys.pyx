@@ -74,7 +74,7 @@ cdef inline uint64_t _fnv1a(const uint8_t* base, Py_ssize_t start, Py_ssize_t en
     return h
 
 
-cdef inline int64_t _int64(object x) except? -1:
+cdef inline int64_t _int64(object x) except? -1:   # mirrors _keys_py._int64
     """An int64 argument. Unlike Cython's own conversion, a float is a TypeError (not
     truncated); an int outside int64 is an OverflowError."""
     return x if PyLong_Check(x) else PyNumber_Index(x)
@@ -294,7 +294,7 @@ cdef class Int64Interner:
                 dup_id[0] = self.slots[s].ref - 1
                 while self.n > n0:   # newest first: each step restores the earlier table
                     self.n -= 1
-                    pass
+                    self.slots[self._find(self.key_at[self.n])].ref = 0
                 return i
             self.slots[s].key, self.slots[s].ref = v[i], self.n + 1
             self.key_at[self.n] = v[i]

@@ -4,7 +4,8 @@ Design. Values live in one growing int64 ``pool`` as per-key chains of blocks: a
 offset b is ``pool[b] = next block (0: none)``, ``pool[b + 1] = capacity``, then its values.
 A key's next block holds as many values as the key already has (at least BLOCK_MIN, at most
 BLOCK_MAX), so appends are O(1) amortised, a key of n values has O(log n + n / BLOCK_MAX)
-blocks, ``get`` is O(n) memcpy's, and at most half of a key's pool space is unused. Offset 0
+blocks, ``get`` is O(n) memcpy's, and at most half of a key's pool space is unused.
+``from_pairs`` (reload, unpickle) lays each key out as one exact block instead. Offset 0
 is never a block, so a calloc'd chain table is all "no block". ``log`` keeps each pair's key in
 global insertion order; ``pairs()`` replays it with one cursor per key. Distinctness is a
 hand-written open-addressing set of (key + 1, value) pairs (0 marks an empty slot, so calloc'd
@@ -18,6 +19,8 @@ Input checks are imported from the twin, so both reject bad input alike.
 """
 
 cimport cython
+cimport numpy as cnp
+from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_CheckExact
 from cpython.pythread cimport WAIT_LOCK, PyThread_acquire_lock, PyThread_release_lock
 from cpython.pythread cimport PyThread_allocate_lock, PyThread_free_lock, PyThread_type_lock
 from libc.stdint cimport int64_t, uint8_t, uint64_t
@@ -33,10 +36,13 @@ from engine._multimap_py import _seed_arg
 
 __all__ = ["MultiMap", "KEY_MAX"]
 
+cnp.import_array()
+
 cdef int64_t BLOCK_MIN = 2       # values in a key's first block
 cdef int64_t BLOCK_MAX = 4096    # values; later blocks stop doubling here (32 KiB)
 cdef int64_t HEADER = 2          # int64 words before a block's values: next, capacity
-cdef Py_ssize_t PREFETCH_AHEAD = 16  # rows; set probes on a big set are cache misses
+cdef Py_ssize_t PREFETCH_AHEAD = 16  # rows; chains, tail blocks and set slots of a big map
+                                     # are cache misses: fetch them this many rows early
 
 cdef extern from *:
     """
@@ -57,6 +63,15 @@ cdef struct Chain:
 cdef struct Pair:
     int64_t key1     # key + 1; 0 marks an empty slot
     int64_t value
+
+
+cdef inline cnp.ndarray _empty(Py_ssize_t n):
+    cdef cnp.npy_intp dims = n
+    return cnp.PyArray_EMPTY(1, &dims, cnp.NPY_INT64, 0)
+
+
+cdef inline int64_t* _data(cnp.ndarray a) noexcept:
+    return <int64_t*>cnp.PyArray_DATA(a)
 
 
 cdef inline uint64_t _mix(uint64_t z) noexcept nogil:
@@ -220,15 +235,23 @@ cdef class MultiMap:
                          bint distinct, uint8_t* added) noexcept nogil:
         """Rows in order; -1 when done, else the row where memory ran out (rows before it
         were added). The set, chains and log have room reserved except the pool."""
-        cdef Py_ssize_t i
+        cdef Py_ssize_t i, j
         cdef uint64_t s = 0
         cdef bint present = False
         cdef bint use_set = self.slots != NULL
+        cdef Chain* c
         for i in range(n):
+            j = i + 2 * PREFETCH_AHEAD   # the chain first, its tail block on the next stage
+            if j < n:
+                ENGINE_PREFETCH(&self.chains[keys[j]])
+            j = i + PREFETCH_AHEAD
+            if j < n:
+                c = &self.chains[keys[j]]
+                if c.head != 0:
+                    ENGINE_PREFETCH(&self.pool[c.tail + HEADER + c.used])
+                if use_set:
+                    ENGINE_PREFETCH(&self.slots[self._slot_of(keys[j], values[j])])
             if use_set:
-                if i + PREFETCH_AHEAD < n:
-                    ENGINE_PREFETCH(&self.slots[self._slot_of(keys[i + PREFETCH_AHEAD],
-                                                              values[i + PREFETCH_AHEAD])])
                 s = self._find(keys[i], values[i])
                 present = self.slots[s].key1 != 0
                 if present and distinct:
@@ -273,11 +296,17 @@ cdef class MultiMap:
         self.busy = False
         PyThread_release_lock(self.lock)
 
-    cdef inline int64_t _length(self, object key):
-        """Length of a key given as any Python int (unknown or out of range: 0)."""
-        if key < 0 or key >= self.keys_max:
-            return 0
-        return self.chains[<int64_t>key].length
+    cdef inline int64_t _slot_key(self, object key) except -2:
+        """A scalar key as an index into chains, or -1 when it has no chain (any other
+        integer: negative, huge, unknown); TypeError unless an integer."""
+        cdef int overflow = 0
+        cdef long long k
+        if not PyLong_CheckExact(key):
+            key = _key_arg(key)
+        k = PyLong_AsLongLongAndOverflow(key, &overflow)
+        if overflow or k < 0 or k >= self.keys_max:
+            return -1
+        return k
 
     # -- Python API ---------------------------------------------------------------------------
 
@@ -318,12 +347,12 @@ cdef class MultiMap:
 
     def get(self, key):
         """A copy of ``key``'s values in insertion order (empty if unknown)."""
-        key = _key_arg(key)
         self._idle()
-        out = np.empty(self._length(key), dtype=np.int64)
-        cdef int64_t[::1] o = out
-        if o.shape[0]:
-            self._copy_values(key, &o[0])
+        cdef int64_t k = self._slot_key(key)
+        if k < 0:
+            return _empty(0)
+        out = _empty(self.chains[k].length)
+        self._copy_values(k, _data(out))
         return out
 
     def get_many(self, keys):
@@ -339,6 +368,10 @@ cdef class MultiMap:
             with nogil:
                 off[0] = 0
                 for i in range(n):
+                    if i + PREFETCH_AHEAD < n:
+                        k = kv[i + PREFETCH_AHEAD]
+                        if 0 <= k < self.keys_max:
+                            ENGINE_PREFETCH(&self.chains[k])
                     k = kv[i]
                     off[i + 1] = off[i] + (self.chains[k].length
                                            if 0 <= k < self.keys_max else 0)
@@ -346,6 +379,10 @@ cdef class MultiMap:
             vals = values
             with nogil:
                 for i in range(n):
+                    if i + PREFETCH_AHEAD < n:   # every key with values passed pass 1's test
+                        k = kv[i + PREFETCH_AHEAD]
+                        if off[i + PREFETCH_AHEAD + 1] > off[i + PREFETCH_AHEAD]:
+                            ENGINE_PREFETCH(&self.pool[self.chains[k].head])
                     if off[i + 1] > off[i]:
                         self._copy_values(kv[i], &vals[off[i]])
         finally:
@@ -354,9 +391,9 @@ cdef class MultiMap:
 
     def length(self, key):
         """How many values ``key`` has (0 if unknown)."""
-        key = _key_arg(key)
         self._idle()
-        return self._length(key)
+        cdef int64_t k = self._slot_key(key)
+        return self.chains[k].length if k >= 0 else 0
 
     def lengths(self, nkeys):
         """``length(k)`` for every k in range(nkeys), as int64."""
@@ -410,10 +447,65 @@ cdef class MultiMap:
 
     @classmethod
     def from_pairs(cls, keys, values):
-        """A MultiMap holding exactly these pairs, in this order (duplicates kept)."""
-        mm = cls()
-        mm.add(keys, values, distinct=False)
+        """A MultiMap holding exactly these pairs, in this order (duplicates kept).
+
+        Each key gets one block of exactly its values, so a reloaded map reads every key with
+        a single memcpy (appended maps chain O(log n) blocks per key).
+        """
+        k, v = _pairs_args(keys, values)
+        cdef MultiMap mm = cls()
+        cdef const int64_t[::1] kv = k
+        cdef const int64_t[::1] vv = v
+        cdef int64_t n = kv.shape[0], top = int(k.max()) + 1 if n else 0
+        cdef int ok
+        with nogil:
+            ok = mm._grow_keys(top)
+            if ok == 0:
+                ok = mm._grow_log(n)
+            if ok == 0 and n:
+                ok = mm._load(&kv[0], &vv[0], n)
+        if ok < 0:
+            raise MemoryError(f"MultiMap.from_pairs: out of memory for {n} pairs")
         return mm
+
+    cdef int _load(self, const int64_t* keys, const int64_t* values, int64_t n) noexcept nogil:
+        """Fill an empty map (chains and log sized): one exact block per key, in key order."""
+        cdef int64_t i, k, b, words = HEADER
+        cdef int64_t* pool
+        cdef Chain* c
+        for i in range(n):
+            if i + PREFETCH_AHEAD < n:
+                ENGINE_PREFETCH(&self.chains[keys[i + PREFETCH_AHEAD]])
+            self.chains[keys[i]].length += 1
+        for k in range(self.keys_max):
+            if self.chains[k].length:
+                words += HEADER + self.chains[k].length
+        pool = <int64_t*>realloc(self.pool, words * sizeof(int64_t))
+        if pool == NULL:
+            for k in range(self.keys_max):
+                self.chains[k].length = 0
+            return -1
+        self.pool, self.pool_max, b = pool, words, HEADER
+        for k in range(self.keys_max):
+            c = &self.chains[k]
+            if c.length:
+                c.head = c.tail = b
+                self.pool[b], self.pool[b + 1] = 0, c.length
+                b += HEADER + c.length
+                self.nkeys += 1
+        self.pool_used = b
+        for i in range(n):
+            if i + 2 * PREFETCH_AHEAD < n:
+                ENGINE_PREFETCH(&self.chains[keys[i + 2 * PREFETCH_AHEAD]])
+            if i + PREFETCH_AHEAD < n:
+                c = &self.chains[keys[i + PREFETCH_AHEAD]]
+                ENGINE_PREFETCH(&self.pool[c.head + HEADER + c.used])
+            c = &self.chains[keys[i]]
+            self.pool[c.head + HEADER + c.used] = values[i]
+            c.used += 1
+            self.log[i] = keys[i]
+        self.n = n
+        return 0
 
     def __repr__(self):
         return f"MultiMap(<{len(self)} pairs, {self.nkeys} keys>)"

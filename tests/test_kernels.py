@@ -177,7 +177,8 @@ OPS: dict[str, Op] = {
                                    _vals(b, r, b.nkeys), _vals(b, r, b.nkeys)),
                lambda m, s, b: m.fold_count_sum_last(*s, b.ids, b.values, b.mask),
                "fold_count_sum_last_numba"),
-    "rows": Op("int64", lambda b, r: (r.integers(-5, 5, (b.nkeys, int(r.integers(3, 5)))),),
+    "rows": Op(None, lambda b, r: (_vals(b, r, b.nkeys * 4).reshape(b.nkeys, 4)[:, :int(
+                   r.integers(3, 5))].copy(),),
                lambda m, s, b: m.fold_count_sum_last_rows(*s, b.ids, b.values, b.mask),
                "fold_count_sum_last_rows_numba"),
     "ring": Op("int64", lambda b, r: (r.integers(-5, 5, (b.nkeys, RING_WIDTH)),
@@ -451,7 +452,8 @@ BAD_CALLS: dict[str, Callable[[Any], Any]] = {
     "seen int64": lambda m: m.reduce_last(F8.copy(), I8.copy(), IDS, F8),
     "sum/last dtypes": lambda m: m.fold_count_sum_last(I8.copy(), I8.copy(), F8.copy(), IDS, F8),
     "rows of 2": lambda m: m.fold_count_sum_last_rows(np.zeros((4, 2), np.int64), IDS, I8),
-    "rows float": lambda m: m.fold_count_sum_last_rows(np.zeros((4, 3)), IDS, F8),
+    "rows dtypes": lambda m: m.fold_count_sum_last_rows(np.zeros((4, 3)), IDS, I8),
+    "rows float32": lambda m: m.fold_count_sum_last_rows(np.zeros((4, 3), np.float32), IDS, F8),
     "rows F order": lambda m: m.fold_count_sum_last_rows(np.zeros((4, 3), np.int64, order="F"),
                                                          IDS, I8),
     "ring width 0": lambda m: m.ring_push(np.zeros((4, 0), np.int64), I8.copy(), IDS, I8),
@@ -594,3 +596,28 @@ def test_kernel_decorator_compiles_checks_lengths_and_runs(jit):
         count_and_max((count, best), ids, (v[:2],), None)
     with pytest.raises(TypeError, match="writeable numpy array"):
         count_and_max((read_only(count), best), ids, (v,), None)
+
+
+@needs_numba
+def test_user_kernels_may_prefetch(jit):
+    prefetch_write = jit.prefetch_write
+
+    @jit.kernel
+    def rows_fold(state, key_ids, columns, mask):
+        (st,) = state
+        (v,) = columns
+        n = key_ids.shape[0]
+        for i in range(n):
+            if i + 8 < n:
+                prefetch_write(st, (key_ids[i + 8], 0))
+            k = key_ids[i]
+            st[k, 0] += 1
+            st[k, 1] += v[i]
+            st[k, 2] = v[i]
+
+    rng = np.random.default_rng(6)
+    ids, v = rng.integers(0, 100, 1_000), rng.integers(-9, 9, 1_000)
+    got, want = np.zeros((100, 3), np.int64), np.zeros((100, 3), np.int64)
+    rows_fold((got,), ids, (v,), None)
+    twin.fold_count_sum_last_rows(want, ids, v)
+    assert same_bits((got,), (want,))

@@ -291,7 +291,7 @@ def test_extend_rejects_duplicates_and_changes_nothing(mod):
     it = mod.Int64Interner(2)
     it.extend([10, 20, 30])
     assert it.keys().tolist() == [10, 20, 30]
-    fresh = key_stream(3, 5000, 5000)  # forces resizes before the duplicate is met
+    fresh = key_stream(3, 5000, 5000)  # thousands of inserts to undo, after a resize
     fresh = fresh[np.sort(np.unique(fresh, return_index=True)[1])]  # distinct, in order
     fresh = fresh[~np.isin(fresh, [10, 20, 30])]
     with pytest.raises(ValueError, match=r"key 20 at position \d+ is already interned \(id 1\)"):
