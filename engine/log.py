@@ -81,13 +81,20 @@ class Log:
         self._closed = False
         self._lock = threading.RLock()  # guards every write path
         self._lockfile = None
-        self._open_meta(types, shards)
-        self.dicts = {d: KeyDictionary(os.path.join(self.path, "keys"), d, kind, not readonly, self.report)
-                      for d, kind in self.schema.domains.items()}
-        self.shard_logs = [
-            ShardLog(os.path.join(self.path, "shards", f"{s:04d}"), s, self.meta["segment_bytes"],
-                     not readonly, self.schema, self.dicts, self.report)
-            for s in range(self.shards)]
+        self.dicts: dict[str, KeyDictionary] = {}
+        self.shard_logs: list[ShardLog] = []
+        try:
+            self._open_meta(types, shards)
+            for d, kind in self.schema.domains.items():
+                self.dicts[d] = KeyDictionary(os.path.join(self.path, "keys"), d, kind, not readonly,
+                                              self.report)
+            for s in range(self.shards):
+                self.shard_logs.append(ShardLog(
+                    os.path.join(self.path, "shards", f"{s:04d}"), s, self.meta["segment_bytes"],
+                    not readonly, self.schema, self.dicts, self.report))
+        except BaseException:
+            self._release()  # a failed open holds nothing: a retry must not find the LOCK taken
+            raise
         # dispatch buffer: per shard, single actions in order (native; see ext/_dispatch.pyx)
         self._rowbuf = _dispatch.RowBuffer(self.shards, [_row_spec(self.schema, at) for at in self.schema],
                                            flush_at=limits.dispatch_buffer_actions)
@@ -189,6 +196,7 @@ class Log:
         type_id = self.schema.type_id(type_name)
         shard_ids = self._route(at, cols, n)
         out: dict[int, range] = {}
+        _check_row_bytes(at, cols, n, self.limits)  # before anything (keys included) is written
         with self._lock:
             self._flush_pending_locked()
             cols = self._intern_columns(at, cols)
@@ -202,6 +210,7 @@ class Log:
                     idx = order[bounds[s] : bounds[s + 1]]
                     if len(idx):
                         parts.append((s, {f: take_rows(v, idx) for f, v in cols.items()}, len(idx)))
+            self._make_room([(s, _frames_bytes(at, part, m, self.limits)) for s, part, m in parts])
             for s, part, m in parts:
                 first = self._write_columns(s, at, type_id, part, m)
                 out[s] = range(first, first + m)
@@ -209,6 +218,15 @@ class Log:
             seq = self._written_seq
         self._after_write(seq)
         return out
+
+    def _make_room(self, needs: list[tuple[int, int]]) -> None:
+        """Roll every shard whose open segment cannot take its part, before writing any part,
+        so a full disk fails the whole append (multi-shard appends are all-or-nothing as long as
+        each shard's part fits in one segment)."""
+        for s, nbytes in needs:
+            sl = self.shard_logs[s]
+            if nbytes > sl.segments[-1].room() and nbytes <= sl.segment_bytes - 4096:
+                sl.roll()
 
     def _write_columns(self, shard: int, at: ActionType, type_id: int, cols: Mapping[str, Any], n: int) -> int:
         """Write rows of one type to one shard as frames; returns the first offset."""
@@ -240,6 +258,7 @@ class Log:
         self._check_writable()
         at = self.schema[type_name]
         row = at.validate_one(fields, self.limits)
+        _check_row_bytes(at, row, 1, self.limits)
         with self._lock:
             offset = self._rowbuf.add_offset(self.schema.type_id(type_name), row)
             if self.durability == "none":
@@ -522,12 +541,16 @@ class Log:
         self._committer_wake.set()
         if self._committer is not None:
             self._committer.join()
+        self._release()
+
+    def _release(self) -> None:
         for sl in self.shard_logs:
             sl.close()
         for d in self.dicts.values():
             d.close()
         if self._lockfile is not None:
             self._lockfile.close()
+            self._lockfile = None
 
     def __enter__(self) -> "Log":
         return self
@@ -573,6 +596,57 @@ def _frame_cuts(at: ActionType, cols: Mapping[str, Any], n: int, limits: Limits)
         cuts.append((lo, hi))
         lo = hi
     return cuts
+
+
+def _row_bytes_max(at: ActionType, limits: Limits) -> int:
+    """Largest possible encoded size of one action (fixed widths + longest strings)."""
+    n_var = sum(1 for ft in at.fields.values() if ft.is_var and not ft.is_key)
+    return 8 * len(at.fields) + (4 + limits.string_bytes_max) * n_var
+
+
+def _check_row_bytes(at: ActionType, cols: Any, n: int, limits: Limits) -> None:
+    """Raise LimitExceededError if one action cannot fit in a frame (validated input)."""
+    budget = limits.frame_bytes_max - 64 * (2 * len(at.fields) + 4)
+    if _row_bytes_max(at, limits) <= budget:
+        return  # the common case: no action can be too large
+    fixed = 8 * len(at.fields)
+    if isinstance(cols, tuple):  # one validated row
+        sizes = {f: len(v.encode() if isinstance(v, str) else v)
+                 for f, v in zip(at.field_names, cols) if at.fields[f].is_var and not at.fields[f].is_key}
+        total = fixed + sum(4 + x for x in sizes.values())
+        worst = max(sizes, key=sizes.get) if sizes else None
+        if total > budget:
+            raise LimitExceededError(
+                f"one {at.name!r} action needs {total} bytes, more than a frame holds ({budget}); "
+                f"shorten field {worst!r} or raise Limits.frame_bytes_max/segment_bytes",
+                action_type=at.name, field=worst)
+        return
+    cost = np.full(n, fixed, np.int64)
+    worst, worst_len = None, -1
+    for f, v in cols.items():
+        ft = at.fields[f]
+        if ft.is_var and not ft.is_key:
+            lens = np.diff(v.offsets).astype(np.int64)
+            cost += 4 + lens
+            if len(lens) and lens.max() > worst_len:
+                worst, worst_len = f, int(lens.max())
+    if n and cost.max() > budget:
+        row = int(cost.argmax())
+        raise LimitExceededError(
+            f"{at.name!r} action at row {row} needs {int(cost[row])} bytes, more than a frame "
+            f"holds ({budget}); shorten field {worst!r} or raise Limits.frame_bytes_max/segment_bytes",
+            action_type=at.name, field=worst)
+
+
+def _frames_bytes(at: ActionType, cols: Mapping[str, Any], n: int, limits: Limits) -> int:
+    """An upper bound of the bytes the frames of this part take."""
+    total = 0
+    for lo, hi in _frame_cuts(at, cols, n, limits):
+        fixed = sum(v.itemsize for v in cols.values() if not isinstance(v, VarColumn)) * (hi - lo)
+        var = sum(int(v.offsets[hi] - v.offsets[lo]) + 4 * (hi - lo + 1) + 64
+                  for v in cols.values() if isinstance(v, VarColumn))
+        total += 64 * (2 * len(cols) + 2) + fixed + var
+    return total
 
 
 def _row_spec(schema: Schema, at: ActionType) -> tuple[int, list[str], int]:

@@ -213,9 +213,6 @@ def test_small_action_after_failed_roll_is_kept(tmp_path, monkeypatch):
         assert last == (off, "like", {"user": 1, "photo": 2, "ts": 3})
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Log.append writes shard by shard; DiskFullError from "
-                   "a later shard's roll leaves the earlier shards' part of the batch in the log, so "
-                   "the advised retry duplicates it (engine/log.py append)")
 def test_failed_append_leaves_no_part_in_other_shards(tmp_path, monkeypatch):
     path = str(tmp_path / "log")
     log = en.open(path, TYPES, shards=2, durability="sync", limits=LIMITS)
@@ -298,10 +295,6 @@ def test_many_new_int_keys_do_not_hang(tmp_path):
             p.wait()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a writable open that fails with DiskFullError (a new "
-                   "segment for a shard whose last one is sealed) does not release what it opened: "
-                   "while the error is alive the LOCK stays held and a retry gets 'open for writing "
-                   "by another process' (engine/log.py Log.__init__)")
 def test_failed_open_on_a_full_disk_can_be_retried(tmp_path, monkeypatch):
     path = str(tmp_path / "log")
     with en.open(path, TYPES, shards=1, durability="sync", limits=LIMITS) as log:

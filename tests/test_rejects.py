@@ -347,8 +347,6 @@ def test_random_invalid_rows(filled):
 BIG = en.Limits(segment_bytes=64 << 10)  # string_bytes_max 1 MiB > frame_bytes_max 60 KiB
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Log.append interns (and writes) new keys before "
-                   "_frame_cuts rejects an action larger than a frame (engine/log.py append)")
 def test_append_oversize_action_writes_no_keys(tmp_path):
     path = str(tmp_path / "log")
     log = en.open(path, TYPES, shards=1, durability="sync", limits=BIG)
@@ -361,8 +359,6 @@ def test_append_oversize_action_writes_no_keys(tmp_path):
     assert not changed, f"a rejected append changed {changed}"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Log.dispatch accepts an action larger than a frame; "
-                   "ShardLog.write_frame then fails an assertion (engine/shardlog.py write_frame)")
 def test_dispatch_oversize_action_is_a_limit_error(tmp_path):
     path = str(tmp_path / "log")
     log = en.open(path, TYPES, shards=1, durability="sync", limits=BIG)
