@@ -30,9 +30,12 @@ from .errors import (
     UnknownActionTypeError,
     ValidationError,
 )
+from . import reducers
+from .app import App, replay
 from .frame import Batch
 from .limits import DEFAULT_LIMITS, Limits
 from .log import Durability, Log
+from .reducers import multimap, ring
 from .schema import (
     ActionType,
     Schema,
@@ -52,6 +55,7 @@ from .schema import (
     uint32,
     uint64,
 )
+from .store import Store, StoreFailedError
 
 __version__ = "0.1.0"
 
@@ -79,7 +83,8 @@ def open(  # noqa: A001 - the natural name, as in io.open / sqlite3.connect
 
 
 __all__ = [
-    "open", "Log", "Batch", "ActionType", "Schema", "Limits", "DEFAULT_LIMITS", "Durability",
+    "open", "Log", "Batch", "App", "Store", "replay", "reducers", "ring", "multimap",
+    "StoreFailedError", "ActionType", "Schema", "Limits", "DEFAULT_LIMITS", "Durability",
     "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float32",
     "float64", "bool_", "timestamp", "string", "bytes_", "key",
     "EngineError", "SchemaError", "IncompatibleSchemaError", "ValidationError",

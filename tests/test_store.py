@@ -248,3 +248,38 @@ def test_reducer_failure_isolated_and_resumes_after_fix(tmp_path):
     assert app["risky"].get(1) == {"seen": 3, "likes": 3}
     app.close()
     log.close()
+
+
+def test_replay_cli_and_api_rebuild_the_demo_stores(tmp_path):
+    import subprocess
+    import sys
+
+    from engine import demo
+    from engine.workload import photo_app
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with en.open(tmp_path, demo.TYPES, shards=2, durability="none", limits=SMALL) as log:
+        for name, cols in photo_app(20_000, 500, seed=3):
+            log.append(name, cols)
+        app = App(log, demo.stores(), checkpoint_every_actions=None, checkpoint_every_s=None)
+        app.fold()
+        want = {n: s.to_arrow().to_pydict() for n, s in app.stores.items()
+                if n not in ("followers", "caption_index")}
+        want_fol = sorted(app["followers"].get(k)["followers"].tolist()
+                          for k in log.dicts["user"].interner.keys()[:50].tolist())
+        app.close()
+    out = subprocess.run([sys.executable, "-m", "engine", "replay", str(tmp_path), "--stores",
+                          "engine.demo:stores", "--quiet"], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": root}, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "photo_likes: running" in out.stdout and "replayed" in out.stdout
+    app = en.replay(str(tmp_path), demo.stores(), progress=False)
+    try:
+        got = {n: s.to_arrow().to_pydict() for n, s in app.stores.items() if n in want}
+        assert got == want
+        got_fol = sorted(app["followers"].get(k)["followers"].tolist()
+                         for k in app.log.dicts["user"].interner.keys()[:50].tolist())
+        assert got_fol == want_fol
+    finally:
+        app.close()
+        app.log.close()
