@@ -90,3 +90,82 @@ def batches(cols: dict[str, np.ndarray], size: int = BATCH) -> list[dict[str, np
 def frame_bytes(cols: dict[str, np.ndarray]) -> int:
     """Column bytes of a batch (what a frame carries besides its header and padding)."""
     return sum(int(v.nbytes) for v in cols.values())
+
+
+# -- stores (bench_store.py): one keyed action "ev" {k: key, v: int64} folded into count + sum +
+# last per key. Appended helpers; the log suites above do not use them.
+STORE_KEYS = 1_000_000  # BENCH.md: "1M int keys" (the key domain; Zipf draws touch fewer)
+STORE_DISTS = ("zipf", "uniform")
+STORE_VALUE_MAX = 1 << 20
+
+
+@lru_cache(maxsize=8)
+def _cached_fold_columns(n: int, dist: str, keys: int, seed: int) -> dict[str, np.ndarray]:
+    if dist == "zipf":
+        k = zipf_keys(n, keys, seed + 11, s=1.1)
+    elif dist == "uniform":
+        k = uniform_keys(n, keys, seed + 12)
+    else:
+        raise ValueError(f"dist must be one of {STORE_DISTS}, not {dist!r}")
+    v = np.random.default_rng(seed + 13).integers(0, STORE_VALUE_MAX, n, dtype=np.int64)
+    cols = {"k": k, "v": v}
+    for a in cols.values():
+        a.setflags(write=False)
+    return cols
+
+
+def fold_columns(n: int, dist: str, keys: int = STORE_KEYS, seed: int = SEED) -> dict[str, np.ndarray]:
+    """``n`` actions {"k": int64 key in [0, keys) (Zipf 1.1 or uniform), "v": int64 value}
+    (read-only, cached)."""
+    return _cached_fold_columns(int(n), str(dist), int(keys), int(seed))
+
+
+@lru_cache(maxsize=2)
+def string_key_names(keys: int = STORE_KEYS) -> object:
+    """The string spelling of int key ``i``: ``"user-%07d" % i``, as a pyarrow string array."""
+    import pyarrow as pa
+
+    return pa.array([f"user-{i:07d}" for i in range(int(keys))], pa.string())
+
+
+def fold_string_columns(n: int, dist: str, keys: int = STORE_KEYS, seed: int = SEED) -> dict[str, object]:
+    """:func:`fold_columns` with every key spelled as a string: {"k": pyarrow string array,
+    "v": int64}. The int keys stay recoverable: ``int(s[5:])``."""
+    import pyarrow as pa
+
+    cols = fold_columns(n, dist, keys, seed)
+    return {"k": string_key_names(keys).take(pa.array(cols["k"])), "v": cols["v"]}
+
+
+@lru_cache(maxsize=4)
+def _cached_restart_columns(keys: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed + 21)
+    k = np.concatenate([rng.permutation(keys), rng.integers(0, keys, keys)]).astype(np.int64)
+    v = rng.integers(0, STORE_VALUE_MAX, len(k), dtype=np.int64)
+    cols = {"k": k, "v": v}
+    for a in cols.values():
+        a.setflags(write=False)
+    return cols
+
+
+def restart_columns(keys: int, seed: int = SEED) -> dict[str, np.ndarray]:
+    """``2 * keys`` actions in which every key of [0, keys) appears (each once, in a random
+    order, then ``keys`` uniform draws): a store over them has exactly ``keys`` keys."""
+    return _cached_restart_columns(int(keys), int(seed))
+
+
+def fold_reference(keys: np.ndarray, values: np.ndarray) -> dict[str, np.ndarray]:
+    """count, sum (int64, wrapping) and last value per distinct key, keys ascending: the
+    expected answer of every replay-fold system (a stable sort keeps log order per key)."""
+    keys = np.asarray(keys)
+    values = np.asarray(values, np.int64)
+    n = len(keys)
+    if n == 0:
+        e = np.empty(0, np.int64)
+        return {"key": keys[:0], "n": e, "s": e, "last": e}
+    order = np.argsort(keys, kind="stable")
+    sk, sv = keys[order], values[order]
+    starts = np.flatnonzero(np.r_[True, sk[1:] != sk[:-1]])
+    ends = np.r_[starts[1:], n]
+    return {"key": sk[starts], "n": (ends - starts).astype(np.int64),
+            "s": np.add.reduceat(sv, starts), "last": sv[ends - 1]}

@@ -12,7 +12,9 @@ Contract shared with the native module, row by row as a plain loop would do it:
   replaces it only when strictly smaller/larger, so among equal values (0.0 and -0.0 too) the
   first one stays; NaN loses to every number and, when all are NaN, the first NaN stays;
 - a key id outside ``[0, len(output))`` in a kept row is a ValueError raised before anything
-  is written (rows the mask drops are not checked, so ``lookup()``'s -1 can be masked out).
+  is written (rows the mask drops are not checked, so ``lookup()``'s -1 can be masked out);
+- outputs are writeable, C-contiguous numpy arrays (memmaps too); inputs are anything numpy
+  sees as 1-D, read-only and memmapped included, copied only when strided.
 
 This module is the test oracle first: it is vectorised numpy, not a Python loop, so it is also
 a usable fallback (``ENGINE_NO_EXTENSIONS=1``). The argument checks here are imported by the
@@ -184,7 +186,7 @@ def reduce_count(count: np.ndarray, key_ids: Any, mask: Any = None) -> None:
     m = _mask(mask, ids.shape[0])
     _check_range(ids, m, c.shape[0], "count")
     ids, _ = _kept(ids, None, m)
-    c += np.bincount(ids, minlength=c.shape[0])[: c.shape[0]]
+    np.add.at(c, ids, 1)  # O(rows); a bincount would cost O(keys) per batch
 
 
 def reduce_sum(sum: np.ndarray, key_ids: Any, values: Any, mask: Any = None) -> None:  # noqa: A002
@@ -283,7 +285,7 @@ def fold_count_sum_last(count: np.ndarray, sum: np.ndarray, last: np.ndarray,  #
     m = _mask(mask, ids.shape[0])
     _check_range(ids, m, _lengths(c, s, last_), "count, sum, last")
     ids, v = _kept(ids, v, m)
-    c += np.bincount(ids, minlength=c.shape[0])[: c.shape[0]]
+    np.add.at(c, ids, 1)  # O(rows); a bincount would cost O(keys) per batch
     with np.errstate(all="ignore"):
         np.add.at(s, ids, v)
     _assign_last(last_, ids, v)
@@ -313,10 +315,8 @@ def fold_count_sum_last_rows(state: np.ndarray, key_ids: Any, values: Any,
     _check_range(ids, m, st.shape[0], "state")
     ids, v = _kept(ids, v, m)
     with np.errstate(all="ignore"):
-        if st.dtype == _INT64:
-            st[:, 0] += np.bincount(ids, minlength=st.shape[0])[: st.shape[0]]
-        else:
-            np.add.at(st[:, 0], ids, 1.0)  # one at a time, as a float count past 2**53 rounds
+        # one at a time: a float count past 2**53 rounds, as in the native loop
+        np.add.at(st[:, 0], ids, st.dtype.type(1))
         np.add.at(st[:, 1], ids, v)
     keys, back = np.unique(ids[::-1], return_index=True)
     st[keys, 2] = v[ids.shape[0] - 1 - back]
