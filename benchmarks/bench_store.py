@@ -47,6 +47,7 @@ from data import (
     fold_reference,
     fold_string_columns,
     restart_columns,
+    string_keys_of,
 )
 
 import engine as en
@@ -177,12 +178,8 @@ class FoldLogs:
             if str_keys:
                 cols = fold_string_columns(self.n, dist)
                 ints = fold_columns(self.n, dist)["k"]
-                ref = fold_reference(ints, cols["v"])
-                import pyarrow as pa
-
-                ref["key"] = np.asarray(
-                    pa.array([f"user-{i:07d}" for i in ref["key"].tolist()]).to_pylist(),
-                    dtype=object)  # sorted by int id = sorted by string (zero-padded)
+                ref = fold_reference(ints, cols["v"])  # int order = string order (zero-padded)
+                ref["key"] = np.array(string_keys_of(ref["key"]), object)
             else:
                 cols = fold_columns(self.n, dist)
                 ref = fold_reference(cols["k"], cols["v"])

@@ -120,12 +120,17 @@ def fold_columns(n: int, dist: str, keys: int = STORE_KEYS, seed: int = SEED) ->
     return _cached_fold_columns(int(n), str(dist), int(keys), int(seed))
 
 
+def string_keys_of(ints: np.ndarray) -> list[str]:
+    """The string spelling of int keys: ``"user-%07d" % i`` (same order for ids < 10**7)."""
+    return [f"user-{i:07d}" for i in np.asarray(ints).tolist()]
+
+
 @lru_cache(maxsize=2)
 def string_key_names(keys: int = STORE_KEYS) -> object:
-    """The string spelling of int key ``i``: ``"user-%07d" % i``, as a pyarrow string array."""
+    """:func:`string_keys_of` of every key in [0, keys), as a pyarrow string array."""
     import pyarrow as pa
 
-    return pa.array([f"user-{i:07d}" for i in range(int(keys))], pa.string())
+    return pa.array(string_keys_of(np.arange(int(keys))), pa.string())
 
 
 def fold_string_columns(n: int, dist: str, keys: int = STORE_KEYS, seed: int = SEED) -> dict[str, object]:

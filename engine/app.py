@@ -139,7 +139,7 @@ class App:
         src = self[store]
         target = [offsets] * self.log.shards if isinstance(offsets, int) else list(offsets)
         tmp = Store(src.name, src.domain, src.user_columns, src.reducers, version=src.version,
-                    key_fields=src.key_fields)
+                    key_fields=src.key_fields, layout=src.layout)
         tmp.bind(self.log.schema, self.log.shards)
         tmp.log = self.log
         man = os.path.join(self.store_dir(src), MANIFEST)

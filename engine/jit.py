@@ -6,7 +6,7 @@ values, mask=None) -> None``, outputs owned by the caller, int64 sums wrapping, 
 rules. They are the ``limit-kernel`` of the benchmarks and a template to copy for your own
 kernels; being numba dispatchers, they can be called from other ``@njit`` code. Like the native
 loops they prefetch the outputs of the row PREFETCH_AHEAD rows on once the outputs outgrow the
-L2 (2-3x faster on 1M keys); ``prefetch_write`` is the intrinsic, for your kernels too.
+L2 (~2x faster on 1M keys); ``prefetch_write`` is the intrinsic, for your kernels too.
 
 Unlike the native module they do not check dtypes: numba compiles a specialisation for
 whatever it is given. They do check, before any write, that every kept key id indexes the
@@ -51,7 +51,7 @@ __all__ = [
 
 _njit = numba.njit(nogil=True, cache=True)
 
-# rows; see ext/_kernels.pyx: without prefetching a fold over 1M keys is 2-3x slower
+# rows; see ext/_kernels.pyx: without prefetching a fold over 1M keys is ~2x slower
 PREFETCH_AHEAD = 128
 PREFETCH_MIN_BYTES = 1 << 20  # outputs smaller than this (L2) stay in cache anyway
 _PREFETCH_FN = "llvm.prefetch.p0" if llvm_version_info[0] >= 15 else "llvm.prefetch.p0i8"

@@ -41,18 +41,27 @@ class ShardState:
         old = self.arrays
         self.arrays = {}
         for name, kind in self.spec.items():
-            if _is_multimap(kind):
+            if _is_multimap(kind) or _is_view(kind):
                 continue
             if _is_ring(kind):
                 shapes = {name: ((capacity, kind.n), kind.dtype), name + ".head": ((capacity,), np.int64)}
-            else:
+            elif not _is_rows(kind):
                 shapes = {name: ((capacity,), np.dtype(kind))}
+            elif _is_rows(kind):
+                shapes = {name: ((capacity, len(kind.columns)), kind.dtype)}
             for arr_name, (shape, dtype) in shapes.items():
                 new = np.zeros(shape, dtype)
                 if arr_name in old:
                     new[: self.capacity] = old[arr_name][: self.capacity]
                 self.arrays[arr_name] = new
         self.capacity = capacity
+        self._bind_views()
+
+    def _bind_views(self) -> None:
+        """Columns stored together in a row group are strided views of the group's array."""
+        for name, kind in self.spec.items():
+            if _is_view(kind):
+                self.arrays[name] = self.arrays[kind.group][:, kind.index]
 
     def ensure(self, keys: int) -> None:
         """Make room for key ids < ``keys`` (amortized doubling)."""
@@ -69,6 +78,8 @@ class ShardState:
         meta: dict[str, Any] = {"capacity": self.capacity, "offset": self.offset, "arrays": {},
                                 "multimaps": {}}
         for name, arr in self.arrays.items():
+            if _is_view(self.spec.get(name)):
+                continue  # written with its row group
             _write_file(os.path.join(directory, name + ".bin"), arr)
             meta["arrays"][name] = {"dtype": arr.dtype.str, "shape": list(arr.shape)}
         for name, mm in self.multimaps.items():
@@ -94,6 +105,7 @@ class ShardState:
                 st.arrays[name] = np.zeros(shape, np.dtype(am["dtype"]))
             else:
                 st.arrays[name] = np.memmap(path, np.dtype(am["dtype"]), mode="c", shape=shape)
+        st._bind_views()
         for name, mmeta in meta["multimaps"].items():
             n = int(mmeta["pairs"])
             keys = np.fromfile(os.path.join(directory, name + ".keys.bin"), np.int64, n)
@@ -103,6 +115,37 @@ class ShardState:
             if _is_multimap(kind) and name not in st.multimaps:
                 st.multimaps[name] = _mm.MultiMap()
         return st
+
+
+class RowGroup:
+    """Scalar columns updated together, stored together: one (capacity, n) array."""
+
+    def __init__(self, columns: tuple[str, ...], dtype: Any):
+        self.columns = columns
+        self.dtype = np.dtype(dtype)
+
+    def __repr__(self) -> str:
+        return f"RowGroup({self.columns}, {self.dtype})"
+
+
+class ColumnView:
+    """A scalar column living in a row group (column ``index`` of ``group``)."""
+
+    def __init__(self, group: str, index: int, dtype: Any):
+        self.group = group
+        self.index = index
+        self.dtype = np.dtype(dtype)
+
+    def __repr__(self) -> str:
+        return f"ColumnView({self.group}, {self.index})"
+
+
+def _is_rows(kind: Any) -> bool:
+    return isinstance(kind, RowGroup)
+
+
+def _is_view(kind: Any) -> bool:
+    return isinstance(kind, ColumnView)
 
 
 def _is_ring(kind: Any) -> bool:

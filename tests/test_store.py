@@ -283,3 +283,28 @@ def test_replay_cli_and_api_rebuild_the_demo_stores(tmp_path):
     finally:
         app.close()
         app.log.close()
+
+
+def test_count_sum_last_stored_together_equals_separate(tmp_path):
+    def make(fused):
+        cols = {"n": np.int64, "s": np.int64, "last": np.int64}
+        red = [r.count("n"), r.sum("s", "ts"), r.last("last", "ts")]
+        return Store("agg" if fused else "sep", key="user", columns=cols, reducers={"like": red},
+                     key_fields={"like": "user"}, layout="auto" if fused else "columns")
+
+    rng = np.random.default_rng(5)
+    with en.open(tmp_path, TYPES, durability="none", limits=SMALL) as log:
+        for _ in range(3):
+            n = 3000
+            log.append("like", {"user": rng.integers(0, 400, n), "photo": rng.integers(0, 9, n),
+                                "ts": rng.integers(-10**12, 10**12, n)})
+        app = App(log, [make(True), make(False)], checkpoint_every_actions=None, checkpoint_every_s=None)
+        assert app["agg"]._rows == {"like": "rows:n,s,last"} and not app["sep"]._rows
+        app.fold()
+        app.checkpoint()
+        a, b = app["agg"].to_arrow(), app["sep"].to_arrow()
+        assert a.select(["key", "n", "s", "last"]).equals(b.select(["key", "n", "s", "last"]))
+        app.close()
+        app = App(log, [make(True)], checkpoint_every_actions=None, checkpoint_every_s=None)
+        assert app["agg"].to_arrow().equals(a)  # the row group survives the checkpoint
+        app.close()
