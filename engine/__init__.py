@@ -35,7 +35,7 @@ from .app import App, replay
 from .frame import Batch
 from .limits import DEFAULT_LIMITS, Limits
 from .log import Durability, Log
-from .reducers import multimap, ring
+from .reducers import multimap, ring, topk
 from .schema import (
     ActionType,
     Schema,
@@ -83,7 +83,7 @@ def open(  # noqa: A001 - the natural name, as in io.open / sqlite3.connect
 
 
 __all__ = [
-    "open", "Log", "Batch", "App", "Store", "replay", "reducers", "ring", "multimap",
+    "open", "Log", "Batch", "App", "Store", "replay", "reducers", "ring", "multimap", "topk",
     "StoreFailedError", "ActionType", "Schema", "Limits", "DEFAULT_LIMITS", "Durability",
     "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float32",
     "float64", "bool_", "timestamp", "string", "bytes_", "key",

@@ -14,7 +14,11 @@ Contract shared with the native module, row by row as a plain loop would do it:
 - a key id outside ``[0, len(output))`` in a kept row is a ValueError raised before anything
   is written (rows the mask drops are not checked, so ``lookup()``'s -1 can be masked out);
 - outputs are writeable, C-contiguous numpy arrays (memmaps too); inputs are anything numpy
-  sees as 1-D, read-only and memmapped included, copied only when strided.
+  sees as 1-D, read-only and memmapped included, copied only when strided;
+- ``topk_push``: ``top[k, :fill[k]]`` holds key k's largest values, largest first. A value is
+  inserted after every value that is not smaller than it (ties keep arrival order, -0.0 and
+  0.0 are equal); when the key is full it goes in only if larger than the smallest kept, which
+  drops out. NaN is never inserted. Slots from ``fill[k]`` on are never read.
 
 This module is the test oracle first: it is vectorised numpy, not a Python loop, so it is also
 a usable fallback (``ENGINE_NO_EXTENSIONS=1``). The argument checks here are imported by the
@@ -31,7 +35,7 @@ import numpy as np
 __all__ = [
     "reduce_count", "reduce_sum", "reduce_min", "reduce_max", "reduce_first", "reduce_last",
     "fold_count_sum_last", "fold_count_sum_last_rows", "ring_push", "ring_read",
-    "changed_keys", "topk",
+    "changed_keys", "topk", "topk_push", "topk_read",
 ]  # fmt: skip
 
 _INT64 = np.dtype(np.int64)
@@ -440,3 +444,129 @@ def topk(values: Any, k: int, mask: Any = None) -> np.ndarray:
         near = rank <= kth
         ids, rank = ids[near], rank[near]
     return ids[np.lexsort((ids, rank))][:k]
+
+
+# ---- per-key top k -----------------------------------------------------------------------------
+
+
+def _topk_state(top: Any, fill: Any) -> tuple[np.ndarray, np.ndarray]:
+    t = _out(top, "top", _VALUE_DTYPES, ndim=2)
+    if t.shape[1] < 1:
+        raise ValueError(f"top must be an (nkeys, k >= 1) array, got shape {t.shape}")
+    return t, _out(fill, "fill", (_INT64,))
+
+
+def _fill_error(ids: np.ndarray, row: int, fill: np.ndarray, width: int) -> ValueError:
+    key = int(ids[row])
+    return ValueError(
+        f"fill[{key}] = {int(fill[key])} (key_ids[{row}]) is outside [0, {width}]: fill[k] counts "
+        f"the used slots of top[k], at most top.shape[1]; nothing was written"
+    )
+
+
+def _first_bad_fill(ids: np.ndarray, m: np.ndarray | None, fill: np.ndarray, width: int) -> int:
+    """The first kept row whose key's fill is outside [0, width], or -1 (ids already checked)."""
+    rows = np.arange(ids.shape[0]) if m is None else np.flatnonzero(m)
+    bad = fill[ids[rows]].view(np.uint64) > np.uint64(width)  # a negative fill is huge
+    return int(rows[np.argmax(bad)]) if bad.any() else -1
+
+
+def _topk_insert(row: np.ndarray, fill: np.ndarray, key: int, x: Any) -> None:
+    """One insertion exactly as the native loop does it (any state, sorted or not)."""
+    width = row.shape[0]
+    f = int(fill[key])
+    if f < width:
+        i = f
+        fill[key] = f + 1
+    elif row[width - 1] < x:
+        i = width - 1
+    else:
+        return
+    j = i
+    while j > 0 and row[j - 1] < x:
+        j -= 1
+    row[j + 1 : i + 1] = row[j:i]  # numpy copies overlapping slices through a buffer
+    row[j] = x
+
+
+def topk_push(top: np.ndarray, fill: np.ndarray, key_ids: Any, values: Any,
+              mask: Any = None) -> None:
+    """Keep the k = ``top.shape[1]`` largest values per key in ``top[k, :fill[k]]``, largest first.
+
+    Row by row: a value goes in after every kept value not smaller than it (ties keep arrival
+    order), then ``fill[k] += 1`` while ``fill[k] < k``; a full key takes it only if it is
+    larger than its smallest kept value, which drops out. NaN is never inserted. ``fill``
+    starts at 0 (``top`` may hold anything); a kept row whose key's ``fill`` is outside
+    ``[0, k]`` is a ValueError raised before anything is written.
+    """
+    t, f = _topk_state(top, fill)
+    ids = _key_ids(key_ids)
+    v = _values(values, ids.shape[0], t.dtype)
+    m = _mask(mask, ids.shape[0])
+    width = t.shape[1]
+    _check_range(ids, m, _lengths(t, f), "top, fill")
+    row = _first_bad_fill(ids, m, f, width)
+    if row >= 0:
+        raise _fill_error(ids, row, f, width)
+    ids, v = _kept(ids, v, m)
+    if v.dtype == _FLOAT64:
+        number = ~np.isnan(v)
+        ids, v = ids[number], v[number]
+    if ids.shape[0] == 0:
+        return
+    touched = np.unique(ids)
+    n0 = f[touched]
+    prefix = t[touched]
+    used = np.arange(width) < n0[:, None]
+    # A kept prefix that rises or holds NaN was not written by this function; such keys take
+    # the row-by-row path so that the result is still the native loop's, bit for bit.
+    odd = ((prefix[:, :-1] < prefix[:, 1:]) & used[:, 1:]).any(axis=1)
+    if v.dtype == _FLOAT64:
+        odd |= (np.isnan(prefix) & used).any(axis=1)
+    row_odd = odd[np.searchsorted(touched, ids)]
+    if odd.any():
+        for key, x in zip(ids[row_odd].tolist(), v[row_odd]):
+            _topk_insert(t[key], f, key, x)
+        ids, v = ids[~row_odd], v[~row_odd]
+        touched, n0 = touched[~odd], n0[~odd]
+    if ids.shape[0] == 0:
+        return
+    # Sorted prefixes: the result is the stable descending sort of (kept values, then the new
+    # rows in order), cut to k. Candidates are laid out in that arrival order, key by key.
+    old_keys = np.repeat(touched, n0)
+    old_slots = np.arange(old_keys.shape[0]) - np.repeat(np.cumsum(n0) - n0, n0)
+    cand_keys = np.concatenate([old_keys, ids])
+    cand = np.concatenate([t[old_keys, old_slots], v])
+    order = np.lexsort((~_order_key(cand, _INT64_MIN), cand_keys))  # stable: arrival breaks ties
+    sk = cand_keys[order]
+    starts = np.flatnonzero(np.r_[True, sk[1:] != sk[:-1]])
+    counts = np.diff(np.r_[starts, sk.shape[0]])
+    slot = np.arange(sk.shape[0]) - np.repeat(starts, counts)
+    keep = slot < width
+    t[sk[keep], slot[keep]] = cand[order[keep]]
+    f[sk[starts]] = np.minimum(counts, width)
+
+
+def _topk_read_args(top: Any, fill: Any, key: Any) -> tuple[np.ndarray, int, int]:
+    """(top, key, n): ``top[key, :n]`` is the answer; n = 0 for a key outside the arrays."""
+    t = np.asarray(top)
+    f = np.asarray(fill)
+    k = operator.index(key)
+    if (t.ndim != 2 or f.ndim != 1 or t.dtype not in _VALUE_DTYPES or f.dtype != _INT64
+            or t.shape[1] < 1):
+        raise ValueError("topk_read needs an (nkeys, k >= 1) int64 or float64 top and a 1-D "
+                         "int64 fill")
+    if not 0 <= k < _lengths(t, f):
+        return t, 0, 0
+    n = int(f[k])
+    if not 0 <= n <= t.shape[1]:
+        raise ValueError(f"fill[{k}] = {n} is outside [0, {t.shape[1]}]: fill[k] counts the "
+                         f"used slots of top[k], at most top.shape[1]")
+    return t, k, n
+
+
+def topk_read(top: np.ndarray, fill: np.ndarray, key: int) -> np.ndarray:
+    """``top[key, :fill[key]]`` as a new array, largest first; empty for a key outside
+    ``[0, min(len(top), len(fill)))``."""
+    t, k, n = _topk_read_args(top, fill, key)
+    return np.array(t[k, :n]) if n else np.empty(0, t.dtype)

@@ -11,7 +11,9 @@ ids. Every buffer is 64-byte aligned so numpy and pyarrow view it in place witho
 
 Writing: buffers first, header next, CRC last; a torn write fails its CRC and is cut on open.
 Reading: every descriptor is bounds-checked against the frame before a view is made, so no
-file, however crafted, can make a view reach outside its frame.
+file, however crafted, can make a view reach outside its frame. Every type present has a column
+for each of its fields, except fields with a default (absent from frames written before the
+field was added); anything else is ``CorruptLogError``.
 
 Column descriptor (32 bytes): u16 type_id, u16 field_index (0xFFFF: the type column),
 u8 kind, 3 reserved, u32 rows, u32 data_off, u32 data_len, u32 aux_off, u32 aux_len,
@@ -498,6 +500,15 @@ def decode_frame(buf: Any, pos: int, shard: int, schema: "Schema", dicts: Mappin
             cols.setdefault(t, {})[fidx] = _ro(buf, dt, rows, pos + d_off)
     if sparse and row_offsets is None:
         raise bad("sparse frame without an offsets column")
+    for t, fields in cols.items():
+        # a field may lack its column only if it has a default (frames older than the field)
+        at = schema.type_by_id(t)
+        if len(fields) < len(at.field_names):
+            defaults = at.defaults
+            for i, name in enumerate(at.field_names):
+                if i not in fields and name not in defaults:
+                    raise bad(f"type {at.name!r} has no column for field {name!r}, which has "
+                              "no default")
     rows_total = h.count if row_offsets is None else len(row_offsets)
     if types is None:
         if len(rows_by_type) > 1 or sum(rows_by_type.values()) != rows_total:

@@ -7,6 +7,13 @@ keys, padded to 8). New keys are written before any frame that references their 
 present after a crash implies its keys are present. A torn record at the end of the file is
 cut off on open; a damaged record followed by more data raises ``CorruptLogError``. Ids are
 dense, never reused, and the raw key is always recoverable with ``key_of``.
+
+A cut is only safe if no frame uses the ids of the cut record (true after a crash: a frame is
+written after its keys). The dictionary says what it cut (``cut_from_id``: the first id lost)
+and does not truncate the file at once: the shard logs check their frames on open
+(``ShardLog._check_key_ids``) and, if a frame uses a lost id, the open is refused
+(``refuse_cut``) and the file is left as it was. Otherwise the torn bytes are truncated before
+the next record is written, or on close.
 """
 
 from __future__ import annotations
@@ -94,6 +101,9 @@ class KeyDictionary:
         self.interner: Any = _keys.Int64Interner() if kind == "int" else StrInterner()
         self._fd = -1
         self._dirty = False
+        self.cut_from_id: int | None = None  # a damaged last record was cut: the first id lost
+        self._cut_pending = False  # its bytes are still in the file (truncated when safe)
+        self._cut_refused = False  # frames use the lost ids: leave the file for a restore
         if writable:
             os.makedirs(directory, exist_ok=True)
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -132,8 +142,8 @@ class KeyDictionary:
                         f"key dictionary of domain {self.domain!r} is corrupt ({why}); restore it "
                         "from a backup: ids in the log refer to it", path=self.path, byte_offset=pos)
                 report.append(f"{self.path}: torn record ({why}) at byte {pos} cut off")
-                if self.writable:
-                    os.ftruncate(self._fd, pos)
+                self.cut_from_id = n
+                self._cut_pending = self.writable  # truncated before the next record / on close
                 return pos
             payload = memoryview(raw)[pos + _REC.size : end]
             try:
@@ -172,12 +182,28 @@ class KeyDictionary:
         o = offs.tolist()
         self.interner.extend([raw[o[i] : o[i + 1]].decode("utf-8") for i in range(count)])
 
+    def refuse_cut(self) -> None:
+        """Frames use ids of the cut record: never truncate it (the open is being refused)."""
+        self._cut_refused = True
+        self._cut_pending = False
+
+    def _truncate_cut(self) -> None:
+        if self._cut_pending and self._fd >= 0:
+            os.ftruncate(self._fd, self._size)
+            self._cut_pending = False
+            self._dirty = True
+
     def _write_record(self, first: int, payload: bytes) -> None:
         count = len(self.interner) - first
         kind = KIND_INT if self.kind == "int" else KIND_STR
         head = _REC.pack(KEYS_MAGIC, 1, kind, count, first, len(payload), 0)[:-4]
         rec = head + struct.pack("<I", _codec.crc32c(head + payload)) + payload
+        if self._cut_refused:  # pragma: no cover - a refused open hands out no dictionary
+            self._rollback(first)
+            raise CorruptLogError("the key dictionary lost records that the log uses; restore it "
+                                  "from a backup", path=self.path)
         try:
+            self._truncate_cut()
             written = os.pwrite(self._fd, rec, self._size)
         except OSError as exc:
             os.ftruncate(self._fd, self._size)
@@ -186,10 +212,12 @@ class KeyDictionary:
                 raise DiskFullError("no space left to record new keys; nothing was appended. Free "
                                     "space and retry", path=self.path) from exc
             raise
-        if written != len(rec):  # pragma: no cover - pwrite on a regular file writes it all
+        if written != len(rec):  # a nearly full disk (tmpfs, ext4) writes only part of it
             os.ftruncate(self._fd, self._size)
             self._rollback(first)
-            raise DiskFullError("short write of a key record", path=self.path)
+            raise DiskFullError(f"short write of a key record ({written} of {len(rec)} bytes): "
+                                "the disk is probably full; nothing was appended. Free space and "
+                                "retry", path=self.path)
         self._size += len(rec)
         self._dirty = True
 
@@ -253,6 +281,8 @@ class KeyDictionary:
 
     def close(self) -> None:
         if self._fd >= 0:
+            if not self._cut_refused:
+                self._truncate_cut()
             self.sync()
             os.close(self._fd)
             self._fd = -1

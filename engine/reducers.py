@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-BUILTIN_OPS = ("count", "sum", "min", "max", "first", "last", "mean", "push", "add")
+BUILTIN_OPS = ("count", "sum", "min", "max", "first", "last", "mean", "push", "add", "top")
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,11 @@ def push(column: str, field: str) -> Reducer:
     return Reducer("push", column, field)
 
 
+def top(column: str, field: str) -> Reducer:
+    """Keep the key's k largest ``action.field`` values in a ``topk(k)`` column (descending)."""
+    return Reducer("top", column, field)
+
+
 def add(column: str, field: str, distinct: bool = True) -> Reducer:
     """Append ``action.field`` to the key's list in a ``multimap()`` column (once if distinct)."""
     return Reducer("add", column, field, distinct=distinct)
@@ -116,6 +121,14 @@ class Ring:
 
 
 @dataclass(frozen=True)
+class TopK:
+    """A fixed-size per-key vector of the ``k`` largest values seen (largest first on read)."""
+
+    k: int
+    dtype: Any = np.int64
+
+
+@dataclass(frozen=True)
 class MultiMapColumn:
     """A per-key growing list of int64 values (adjacency lists, inverted indexes)."""
 
@@ -124,6 +137,12 @@ def ring(n: int, dtype: Any = np.int64) -> Ring:
     if n < 1:
         raise ValueError("a ring needs n >= 1")
     return Ring(n, np.dtype(dtype))
+
+
+def topk(k: int, dtype: Any = np.int64) -> TopK:
+    if k < 1:
+        raise ValueError("a top-k column needs k >= 1")
+    return TopK(k, np.dtype(dtype))
 
 
 def multimap() -> MultiMapColumn:

@@ -7,6 +7,13 @@ space is zero. Lifecycle: OPEN (the shard's last segment, appended to) → SEALE
 ``<base>.idx`` exists: every frame's first offset and byte position, the end position and the
 next offset, CRC32C-protected) → RETIRED (deleted by retention or replaced by compaction).
 
+Creation is crash-safe: a new segment is built under ``<base>.seg.tmp`` (preallocated, header
+written, fdatasync'd; ``prepare``) and only then renamed into place (``publish``, then the
+directory is fsync'd). A ``<base>.seg`` therefore always has its full size and a header; a crash
+leaves at most a ``*.seg.tmp``, which the shard log removes (and reports) on open. A new segment
+may start from a *spare*: a file zero-filled ahead of time (``make_blank``) by a background
+thread, so that appends do not write into unwritten extents (see ``shardlog``).
+
 Recovery (``Segment.open``): a sealed segment trusts its index (frames are still CRC-checked on
 read); a missing or damaged index is rebuilt by a full scan. The open segment is scanned: a torn
 or corrupt frame at the tail (nothing valid follows it) is cut off and reported; a bad frame
@@ -16,9 +23,11 @@ followed by valid frames is corruption and raises ``CorruptLogError``.
 from __future__ import annotations
 
 import enum
+import errno
 import mmap
 import os
 import struct
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,6 +84,7 @@ class Segment:
     end_pos: int = SEG_HEADER_BYTES  # bytes; first unwritten byte; only grows while OPEN
     next_offset: int = 0  # offset the next frame will start at
     _n: int = 0  # frames indexed (positions/firsts may have spare capacity)
+    _tmp: str | None = None  # prepared, not yet published: the temp file's path
 
     # -- lifecycle -------------------------------------------------------------------------
     def transition(self, to: SegmentState) -> None:
@@ -82,30 +92,81 @@ class Segment:
         self.state = to
 
     @classmethod
-    def create(cls, directory: str, shard: int, base: int, size: int) -> "Segment":
+    def create(cls, directory: str, shard: int, base: int, size: int,
+               spare: str | None = None) -> "Segment":
         """Create, preallocate and map a new OPEN segment starting at offset ``base``."""
-        path = os.path.join(directory, seg_name(base))
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        seg = cls.prepare(directory, shard, base, size, spare)
         try:
+            seg.publish()
+        except BaseException:
+            seg.discard()
+            raise
+        return seg
+
+    @classmethod
+    def prepare(cls, directory: str, shard: int, base: int, size: int,
+                spare: str | None = None) -> "Segment":
+        """Build a new OPEN segment under ``<base>.seg.tmp``: preallocated (or taken from the
+        zero-filled ``spare`` file), mapped, header written and fdatasync'd. Nothing is visible
+        under the segment's name until ``publish``; ``discard`` removes it.
+
+        Raises DiskFullError (nothing created) if the disk has no room for it.
+        """
+        path = os.path.join(directory, seg_name(base))
+        tmp = path + ".tmp"
+        fd = -1
+        if spare is not None:
             try:
-                os.posix_fallocate(fd, 0, size)
-            except OSError as exc:
-                if exc.errno in (28, 122):  # ENOSPC, EDQUOT
-                    raise DiskFullError("no space to preallocate a new segment; free space and "
-                                        "retry", path=path, shard=shard, offset=base) from exc
+                os.rename(spare, tmp)  # claim the spare: from here it is this segment's temp file
+                fd = os.open(tmp, os.O_RDWR)
+                if os.fstat(fd).st_size != size:
+                    raise OSError(errno.EINVAL, "spare segment has the wrong size")
+            except OSError:
+                if fd >= 0:
+                    os.close(fd)
+                fd = -1
+                _unlink_quiet(spare)
+                _unlink_quiet(tmp)
+        if fd < 0:
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                _preallocate(fd, size, path, shard, base)
+            except BaseException:
+                os.close(fd)
+                _unlink_quiet(tmp)
                 raise
+        try:
             mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            _SEG_HEADER.pack_into(mm, 0, SEG_MAGIC, SEG_VERSION, 0, shard, base, size)
+            struct.pack_into("<I", mm, 60, _codec.crc32c(memoryview(mm)[:60]))
+            os.fdatasync(fd)  # the header is durable before the name is
         except BaseException:
             os.close(fd)
-            os.unlink(path)
+            _unlink_quiet(tmp)
             raise
-        _SEG_HEADER.pack_into(mm, 0, SEG_MAGIC, SEG_VERSION, 0, shard, base, size)
-        struct.pack_into("<I", mm, 60, _codec.crc32c(memoryview(mm)[:60]))
-        os.fdatasync(fd)
-        _fsync_dir(directory)
         seg = cls(path, shard, base, size, True, SegmentState.OPEN, mm, fd)
         seg.next_offset = base
+        seg._tmp = tmp
         return seg
+
+    def publish(self) -> None:
+        """Rename a prepared segment into place and make the rename durable."""
+        tmp = self._tmp
+        assert tmp is not None, f"segment {self.path} is not a prepared one"
+        if os.path.exists(self.path):
+            raise LogError("a segment file with this name already exists; the shard directory "
+                           "was changed behind the engine's back", path=self.path, shard=self.shard)
+        os.rename(tmp, self.path)
+        self._tmp = None
+        _fsync_dir(os.path.dirname(self.path))
+
+    def discard(self) -> None:
+        """Close and remove a prepared, unpublished segment."""
+        tmp = self._tmp
+        self.close()
+        if tmp is not None:
+            _unlink_quiet(tmp)
+            self._tmp = None
 
     @classmethod
     def open(cls, path: str, shard: int, writable: bool, is_last: bool,
@@ -115,7 +176,11 @@ class Segment:
         size = os.fstat(fd).st_size
         if size < SEG_HEADER_BYTES:
             os.close(fd)
-            raise CorruptLogError("segment file is shorter than its header", path=path, shard=shard)
+            raise CorruptLogError(
+                "segment file is shorter than its header. If it is the shard's last segment and "
+                "empty, an engine version before crash-safe segment creation was killed while "
+                "creating it: delete the file. Otherwise restore it from a backup or replica",
+                path=path, shard=shard)
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
         mm = mmap.mmap(fd, size, mmap.MAP_SHARED, prot)
         base = int(os.path.basename(path).split(".")[0])
@@ -251,10 +316,19 @@ class Segment:
         head = _IDX_HEADER.pack(IDX_MAGIC, 1, 0, n, self.end_pos, self.next_offset, 0)[:-4]
         crc = _codec.crc32c(head + body)
         tmp = self.idx_path + ".tmp"
-        with open(tmp, "wb") as f:
-            f.write(head + struct.pack("<I", crc) + body)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(tmp, "wb") as f:
+                f.write(head + struct.pack("<I", crc) + body)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            _unlink_quiet(tmp)
+            if exc.errno in _FULL:
+                raise DiskFullError("no space to write the index of a full segment; the segment "
+                                    "stays open and keeps every action. Free space and retry",
+                                    path=self.idx_path, shard=self.shard,
+                                    offset=self.next_offset) from exc
+            raise
         os.replace(tmp, self.idx_path)
         _fsync_dir(os.path.dirname(self.path))
         if self.state is SegmentState.OPEN:
@@ -289,6 +363,59 @@ class Segment:
 
 def _header_first(mm: Any, pos: int) -> int:
     return struct.unpack_from("<Q", mm, pos + 16)[0]
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+_ZERO_CHUNK = 1 << 20
+
+
+def _unlink_quiet(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _preallocate(fd: int, size: int, path: str, shard: int | None, base: int | None) -> None:
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno in _FULL:
+            raise DiskFullError("no space to preallocate a new segment; free space and retry",
+                                path=path, shard=shard, offset=base) from exc
+        raise
+
+
+def make_blank(path: str, size: int, stop: threading.Event | None = None,
+               sync_every: int = 8 << 20) -> bool:
+    """Create ``path`` as a preallocated file of ``size`` zero bytes that are really written
+    (no unwritten extents: later fdatasyncs of appends into it need no extent conversion), and
+    fdatasync it. Returns False (file removed) if ``stop`` was set meanwhile; raises
+    DiskFullError / OSError (file removed) on failure. Meant for a background thread.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    ok = False
+    try:
+        _preallocate(fd, size, path, None, None)
+        zeros = bytes(_ZERO_CHUNK)
+        done = since_sync = 0
+        while done < size:
+            if stop is not None and stop.is_set():
+                return False
+            n = min(_ZERO_CHUNK, size - done)
+            os.pwrite(fd, zeros if n == _ZERO_CHUNK else zeros[:n], done)
+            done += n
+            since_sync += n
+            if since_sync >= sync_every:  # bounded bursts of writeback, not one 64 MiB one
+                os.fdatasync(fd)
+                since_sync = 0
+        os.fdatasync(fd)
+        ok = True
+        return True
+    finally:
+        os.close(fd)
+        if not ok:
+            _unlink_quiet(path)
 
 
 def _fsync_dir(directory: str) -> None:

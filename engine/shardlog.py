@@ -1,27 +1,56 @@
 """One shard's log: an ordered list of segments, one writer, many readers.
 
 Readers go through ``read(start, stop)``, which yields ``Batch`` views of exactly the actions
-[start, stop) in order (invariant 3); frames are CRC-checked as they are read. The writer
-appends encoded frames with ``write_frame`` and rolls to a new preallocated segment when the
-current one is full. A NATS JetStream log would implement the same small surface
-(``end_offset``, ``start_offset``, ``read``, ``refresh``) and readers would not change.
+[start, stop) in order (invariant 3); frames are CRC-checked as they are read, and each frame's
+header must agree with the segment's index (first offset, end offset). The writer appends encoded frames with ``write_frame`` and rolls to a new
+preallocated segment when the current one is full. A NATS JetStream log would implement the
+same small surface (``end_offset``, ``start_offset``, ``read``, ``refresh``) and readers would
+not change.
+
+Rolling is ordered so that a failure at any step keeps every action: the new segment is
+prepared under a temp name first (a full disk fails here, and the open segment stays open and
+writable), then the old segment is sealed (index written), then the new one is renamed into
+place. ``write_frame`` only ever writes into an OPEN segment.
+
+Spare segments. With large segments (``SPARE_MIN_BYTES``), once the open segment is half full a
+background thread makes a *spare*: a file zero-filled for real under a temp name
+(``spare-*.seg.tmp``); the next roll renames it into place instead of preallocating, so appends
+never write into unwritten extents (whose fdatasyncs cost more) and never wait for the zero
+filling. Without a ready spare the roll preallocates synchronously. Temp files are removed on
+open (a ``<base>.seg.tmp`` is reported as a crash at creation) and the spare on close; the
+thread is joined on close.
+
+Key ids. On open, the newest frames are checked against the key dictionaries (every frame, if a
+dictionary had to cut a damaged last record): a frame using an id the dictionary does not have
+means the dictionary lost records that the log uses, and new keys would silently reuse those
+ids, so the open is refused with ``CorruptLogError`` naming the ``.keys`` file.
 """
 
 from __future__ import annotations
 
 import bisect
 import os
+import re
+import struct
+import threading
 import time
+import uuid
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from ._impl import load
 from .errors import CorruptLogError, LogError
-from .frame import Batch, ColumnSpec, decode_frame, frame_layout, read_header, write_frame
-from .segment import SEG_HEADER_BYTES, Segment, SegmentState, seg_name
+from .frame import (FRAME_MAGIC, FRAME_VERSION, HEADER_BYTES, Batch, ColumnSpec, decode_frame,
+                    frame_layout, read_header, write_frame)
+from .segment import SEG_HEADER_BYTES, Segment, SegmentState, make_blank, seg_name
 
 _codec = load("codec")
+
+SPARE_MIN_BYTES = 8 << 20  # segments at least this large get a spare made ahead of time
+KEY_CHECK_FRAMES = 16  # newest frames per shard checked against the key dictionaries on open
+_MAGIC_VERSION = struct.Struct("<IH")
+_CREATING = re.compile(r"^\d{20}\.seg\.tmp$")  # a segment being created (see Segment.prepare)
 
 
 class ShardLog:
@@ -37,17 +66,35 @@ class ShardLog:
         self.dicts = dicts
         self.segments: list[Segment] = []
         self._bases: list[int] = []
+        # spare segment (writer only): a zero-filled file made by a background thread
+        self._spare_on = writable and segment_bytes >= SPARE_MIN_BYTES
+        self._spare_ready: str | None = None
+        self._spare_thread: threading.Thread | None = None
+        self._spare_stop = threading.Event()
+        self._spare_failed = False
+        self._closed = False
         if writable:
             os.makedirs(directory, exist_ok=True)
-        self._open_existing(report)
+        try:
+            self._open_existing(report)
+            self._check_key_ids()
+        except BaseException:
+            self.close()
+            raise
 
     # -- open / recovery -------------------------------------------------------------------
     def _open_existing(self, report: list[str]) -> None:
-        names = sorted(n for n in os.listdir(self.directory) if n.endswith(".seg")) \
-            if os.path.isdir(self.directory) else []
-        for leftover in (n for n in os.listdir(self.directory) if n.endswith(".tmp")) \
-                if self.writable and os.path.isdir(self.directory) else ():
-            os.unlink(os.path.join(self.directory, leftover))
+        listing = sorted(os.listdir(self.directory)) if os.path.isdir(self.directory) else []
+        names = [n for n in listing if n.endswith(".seg")]
+        for leftover in (n for n in listing if n.endswith(".tmp")):
+            path = os.path.join(self.directory, leftover)
+            if _CREATING.match(leftover):
+                # killed between preparing a new segment and renaming it into place: it never
+                # held a frame (nothing is written into a segment before it is published)
+                report.append(f"{path}: unfinished new segment (crash at creation)"
+                              + ("; removed" if self.writable else ""))
+            if self.writable:  # index temps, compaction temps, spares: never the only copy
+                os.unlink(path)
         expected = None
         for i, name in enumerate(names):
             path = os.path.join(self.directory, name)
@@ -65,10 +112,97 @@ class ShardLog:
             self._new_segment(self.segments[-1].next_offset if self.segments else 0)
 
     def _new_segment(self, base: int) -> Segment:
-        seg = Segment.create(self.directory, self.shard, base, self.segment_bytes)
+        seg = Segment.create(self.directory, self.shard, base, self.segment_bytes, self._take_spare())
         self.segments.append(seg)
         self._bases.append(base)
         return seg
+
+    # -- key ids ---------------------------------------------------------------------------
+    def _key_columns(self) -> dict[int, list[tuple[int, str]]]:
+        """type id -> [(field index, key domain)] of every key field of the schema."""
+        out: dict[int, list[tuple[int, str]]] = {}
+        for at in self.schema:
+            for f, domain in at.key_fields.items():
+                if domain in self.dicts:
+                    out.setdefault(self.schema.type_id(at.name), []).append((at.field_index(f), domain))
+        return out
+
+    def _newest_frames(self, limit: int | None) -> Iterator[tuple[Segment, int]]:
+        """(segment, position) of the newest ``limit`` frames (all if None), newest first."""
+        n = 0
+        for seg in reversed(self.segments):
+            positions, _ = seg.frame_index()
+            for p in reversed(positions.tolist()):
+                if limit is not None and n >= limit:
+                    return
+                n += 1
+                yield seg, p
+
+    def _key_id_use(self, domains: Sequence[str], limit: int | None,
+                    beyond: Mapping[str, int] | None = None):
+        """Largest key id per domain used by the newest ``limit`` frames (all if None), and,
+        if ``beyond`` is given, the first frame (newest first) using an id >= beyond[domain]:
+        (maxima, (domain, id, segment, position) or None).
+
+        A frame that does not decode is skipped: its corruption is raised when it is read.
+        """
+        want = set(domains)
+        cols = {t: [(i, d) for i, d in fl if d in want] for t, fl in self._key_columns().items()}
+        cols = {t: fl for t, fl in cols.items() if fl}
+        maxima = {d: -1 for d in domains}
+        if not cols:
+            return maxima, None
+        for seg, pos in self._newest_frames(limit):
+            try:
+                batch = decode_frame(seg.mm, pos, self.shard, self.schema, self.dicts, seg.path)
+            except CorruptLogError:
+                continue
+            for t, fl in cols.items():
+                tcols = batch._cols.get(t)
+                if not tcols:
+                    continue
+                for fidx, d in fl:
+                    v = tcols.get(fidx)
+                    if v is None or not len(v):
+                        continue
+                    m = int(v.max())
+                    if m > maxima[d]:
+                        maxima[d] = m
+                    if beyond is not None and d in beyond and m >= beyond[d] and self._crc_ok(seg, pos):
+                        return maxima, (d, m, seg, pos)
+        return maxima, None
+
+    def max_key_ids(self, domains: Sequence[str], limit: int | None = None) -> dict[str, int]:
+        """Largest key id of each domain used by the shard's newest ``limit`` frames (every
+        frame if None); -1 for a domain no such frame uses."""
+        return self._key_id_use(domains, limit)[0]
+
+    def _check_key_ids(self) -> None:
+        """Refuse a log whose frames use key ids its dictionaries do not have (see above)."""
+        if not self.dicts or not self.segments:
+            return
+        cut = [d for d, kd in self.dicts.items() if getattr(kd, "cut_from_id", None) is not None]
+        sizes = {d: len(kd) for d, kd in self.dicts.items()}
+        _, hit = self._key_id_use(list(self.dicts), None if cut else KEY_CHECK_FRAMES, sizes)
+        if hit is None:
+            return
+        d, m, seg, pos = hit
+        kd = self.dicts[d]
+        if hasattr(kd, "refuse_cut"):
+            kd.refuse_cut()
+        was_cut = (f"a damaged last record (ids from {kd.cut_from_id}) was found"
+                   if getattr(kd, "cut_from_id", None) is not None else "records are missing")
+        raise CorruptLogError(
+            f"key dictionary of domain {d!r} has {len(kd)} keys but the frame at byte {pos} of "
+            f"{seg.path} (shard {self.shard}) uses key id {m}: {was_cut}. New keys would reuse "
+            "ids that the log already uses, so nothing was changed. Restore the .keys file from "
+            "a backup or replica", path=kd.path)
+
+    def _crc_ok(self, seg: Segment, pos: int) -> bool:
+        h = read_header(seg.mm, pos)
+        if h.length < HEADER_BYTES or pos + h.length > seg.size:
+            return False
+        return _codec.crc32c(memoryview(seg.mm)[pos + 16 : pos + h.length]) == h.crc
 
     # -- positions -------------------------------------------------------------------------
     @property
@@ -87,27 +221,89 @@ class ShardLog:
         assert self.writable and count > 0
         length, _ = frame_layout(columns)
         seg = self.segments[-1]
-        if length > seg.room():
+        if seg.state is not SegmentState.OPEN or length > seg.room():
             assert length <= self.segment_bytes - SEG_HEADER_BYTES, "frame larger than a segment"
-            self.roll()
+            self.roll()  # also replaces a last segment left sealed by a failed roll
             seg = self.segments[-1]
+        assert seg.state is SegmentState.OPEN and length <= seg.room(), seg.path
         first = seg.next_offset
         pos = seg.end_pos
         written = write_frame(seg.mm, pos, first, count, ntypes, columns, time.time_ns())
         seg.add_frame(pos, written, first, count)
+        if self._spare_on and self._spare_ready is None and 2 * seg.end_pos >= seg.size:
+            self._start_spare()
         return first
 
     def roll(self) -> None:
-        """Seal the open segment (index written, fsync'd) and start a new one."""
+        """Seal the open segment (index written, fsync'd) and start a new one.
+
+        The new segment is prepared first: if that fails (a full disk), nothing changed and
+        the open segment keeps taking frames. If sealing fails, the prepared one is dropped.
+        """
         seg = self.segments[-1]
-        if seg.frame_count == 0:
+        if seg.state is SegmentState.OPEN and seg.frame_count == 0:
             return  # nothing to seal; the empty segment keeps its base offset
-        seg.sync()
-        seg.seal()
-        self._new_segment(seg.next_offset)
+        new = Segment.prepare(self.directory, self.shard, seg.next_offset, self.segment_bytes,
+                              self._take_spare())
+        try:
+            if seg.state is SegmentState.OPEN:
+                seg.sync()
+                seg.seal()
+            new.publish()
+        except BaseException:
+            new.discard()
+            raise
+        self.segments.append(new)
+        self._bases.append(new.base)
 
     def sync(self) -> None:
         self.segments[-1].sync()
+
+    # -- spare segment ---------------------------------------------------------------------
+    def _take_spare(self) -> str | None:
+        """The ready spare's path (now the caller's), or None. Arms the next spare."""
+        self._reap_spare()
+        spare, self._spare_ready = self._spare_ready, None
+        self._spare_failed = False  # a new segment: try again (space may have been freed)
+        return spare
+
+    def _reap_spare(self) -> None:
+        t = self._spare_thread
+        if t is not None and not t.is_alive():
+            t.join()
+            self._spare_thread = None
+
+    def _start_spare(self) -> None:
+        self._reap_spare()
+        if self._spare_thread is not None or self._spare_failed or self._closed:
+            return
+        path = os.path.join(self.directory, f"spare-{uuid.uuid4().hex[:12]}.seg.tmp")
+        t = threading.Thread(target=self._make_spare, args=(path,), daemon=True,
+                             name=f"engine-spare-{self.shard}")
+        self._spare_thread = t
+        t.start()
+
+    def _make_spare(self, path: str) -> None:
+        try:
+            made = make_blank(path, self.segment_bytes, self._spare_stop)
+        except Exception:  # noqa: BLE001 - no spare (e.g. a full disk): the roll preallocates
+            self._spare_failed = True  # and reports a full disk itself; retried after a roll
+            return
+        if made:
+            self._spare_ready = path
+
+    def _drop_spare(self) -> None:
+        self._spare_stop.set()
+        t = self._spare_thread
+        if t is not None:
+            t.join()
+            self._spare_thread = None
+        spare, self._spare_ready = self._spare_ready, None
+        if spare is not None:
+            try:
+                os.unlink(spare)
+            except FileNotFoundError:
+                pass
 
     # -- reading ---------------------------------------------------------------------------
     def refresh(self) -> None:
@@ -138,9 +334,17 @@ class ShardLog:
         while pos_off < end and si < len(self.segments):
             seg = self.segments[si]
             positions, firsts = seg.frame_index()
+            n = len(positions)
             fi = max(0, int(np.searchsorted(firsts, pos_off, side="right")) - 1)
-            while fi < len(positions) and pos_off < end:
-                batch = self._frame(seg, int(positions[fi]), verify)
+            while fi < n and pos_off < end:
+                # the offsets the index says this frame holds; the end is not known for the
+                # open segment's last frame (a writer may be adding frames meanwhile)
+                last = None
+                if fi + 1 < n:
+                    last = int(firsts[fi + 1])
+                elif seg.state is not SegmentState.OPEN:
+                    last = seg.next_offset
+                batch = self._frame(seg, int(positions[fi]), verify, int(firsts[fi]), last)
                 fi += 1
                 if batch.end_offset <= pos_off:
                     continue
@@ -151,7 +355,10 @@ class ShardLog:
                     yield batch
             si += 1
 
-    def _frame(self, seg: Segment, pos: int, verify: bool) -> Batch:
+    def _frame(self, seg: Segment, pos: int, verify: bool, first: int | None = None,
+               end: int | None = None) -> Batch:
+        """Check and view the frame at ``pos``; ``first``/``end``: the offsets the segment's
+        index says it covers (checked against its header: a misdirected or stale write)."""
         h = read_header(seg.mm, pos)
         if verify:
             if pos + h.length > seg.size or h.length < 64:
@@ -163,6 +370,18 @@ class ShardLog:
                     "frame CRC mismatch: the segment is corrupt; nothing was skipped. Restore "
                     "it from a backup or replica", path=seg.path, byte_offset=pos,
                     shard=self.shard, offset=h.first_offset)
+        if first is not None:
+            magic, version = _MAGIC_VERSION.unpack_from(seg.mm, pos)
+            if (magic != FRAME_MAGIC or version != FRAME_VERSION or h.first_offset != first
+                    or (end is not None and h.first_offset + h.count != end)):
+                why = (f"it holds offsets [{h.first_offset}, {h.first_offset + h.count}), the "
+                       f"index says [{first}, {'?' if end is None else end})"
+                       if magic == FRAME_MAGIC and version == FRAME_VERSION
+                       else "no frame header there")
+                raise CorruptLogError(
+                    f"frame disagrees with the segment index ({why}): a misdirected or stale "
+                    "write; nothing was skipped. Restore the segment from a backup or replica",
+                    path=seg.path, byte_offset=pos, shard=self.shard, offset=first)
         return decode_frame(seg.mm, pos, self.shard, self.schema, self.dicts, seg.path)
 
     def frame_positions(self) -> Iterator[tuple[Segment, int]]:
@@ -196,6 +415,9 @@ class ShardLog:
         return removed
 
     def close(self) -> None:
+        """Release everything: the spare (thread joined, file removed), the segments."""
+        self._closed = True
+        self._drop_spare()
         for seg in self.segments:
             seg.close()
         self.segments = []

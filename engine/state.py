@@ -45,8 +45,10 @@ class ShardState:
                 continue
             if _is_ring(kind):
                 shapes = {name: ((capacity, kind.n), kind.dtype), name + ".head": ((capacity,), np.int64)}
-            elif not _is_rows(kind):
+            elif not _is_rows(kind) and not _is_topk(kind):
                 shapes = {name: ((capacity,), np.dtype(kind))}
+            elif _is_topk(kind):
+                shapes = {name: ((capacity, kind.k), kind.dtype), name + ".fill": ((capacity,), np.int64)}
             elif _is_rows(kind):
                 shapes = {name: ((capacity, len(kind.columns)), kind.dtype)}
             for arr_name, (shape, dtype) in shapes.items():
@@ -138,6 +140,10 @@ class ColumnView:
 
     def __repr__(self) -> str:
         return f"ColumnView({self.group}, {self.index})"
+
+
+def _is_topk(kind: Any) -> bool:
+    return type(kind).__name__ == "TopK"
 
 
 def _is_rows(kind: Any) -> bool:

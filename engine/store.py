@@ -22,7 +22,7 @@ import numpy as np
 
 from ._impl import load
 from .errors import EngineError, SchemaError
-from .reducers import BUILTIN_OPS, MultiMapColumn, Reducer, Ring
+from .reducers import BUILTIN_OPS, MultiMapColumn, Reducer, Ring, TopK
 from .state import ColumnView, RowGroup, ShardState
 
 _k = load("kernels")
@@ -88,7 +88,7 @@ class Store:
     def _state_columns(self, cols: dict[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for name, kind in cols.items():
-            if isinstance(kind, (Ring, MultiMapColumn)):
+            if isinstance(kind, (Ring, MultiMapColumn, TopK)):
                 out[name] = kind
             else:
                 dt = np.dtype(kind)
@@ -108,9 +108,11 @@ class Store:
                     out.setdefault(r.column + ".seen", np.dtype(np.uint8))
                 if r.op == "push" and not isinstance(out[r.column], Ring):
                     raise SchemaError(f"store {self.name!r}: push needs a ring column, {r.column!r} is not")
+                if r.op == "top" and not isinstance(out[r.column], TopK):
+                    raise SchemaError(f"store {self.name!r}: top needs a topk(k) column")
                 if r.op == "add" and not isinstance(out[r.column], MultiMapColumn):
                     raise SchemaError(f"store {self.name!r}: add needs a multimap column")
-                if r.op in BUILTIN_OPS and r.op not in ("push", "add") and r.column in cols:
+                if r.op in BUILTIN_OPS and r.op not in ("push", "add", "top") and r.column in cols:
                     dt = np.dtype(out[r.column])
                     if dt not in (np.dtype(np.int64), np.dtype(np.float64)):
                         raise SchemaError(f"store {self.name!r}: built-in reducers write int64 or "
@@ -145,7 +147,7 @@ class Store:
 
     def definition_hash(self) -> str:
         d = {"name": self.name, "key": self.domain, "version": self.version,
-             "columns": {c: (str(k) if not isinstance(k, (Ring, MultiMapColumn)) else repr(k))
+             "columns": {c: (str(k) if not isinstance(k, (Ring, MultiMapColumn, TopK)) else repr(k))
                          for c, k in self.columns.items()},
              "reducers": {t: [(r.op, r.column, r.field, r.distinct,
                                getattr(r.fn, "__qualname__", None)) for r in rs]
@@ -265,7 +267,7 @@ class Store:
         ids = np.asarray(ids, np.int64)
         out: dict[str, np.ndarray] = {}
         for c, kind in self.user_columns.items():
-            if isinstance(kind, (Ring, MultiMapColumn)):
+            if isinstance(kind, (Ring, MultiMapColumn, TopK)):
                 continue
             op = self._column_op(c)
             vals = [self._read_shard(s, c, ids, op) for s in range(len(self.shards))]
@@ -292,6 +294,10 @@ class Store:
 
     def _read_shard(self, s: int, c: str, ids: np.ndarray, op: str) -> Any:
         st = self.shards[s]
+        if not len(ids) or (int(ids.min()) >= 0 and int(ids.max()) < st.capacity):
+            if op == "mean":  # the common case: every id has a slot, one take per column
+                return (st.arrays[c][ids], st.arrays[c + ".count"][ids])
+            return st.arrays[c][ids]
         ok = (ids >= 0) & (ids < st.capacity)
         safe = np.where(ok, ids, 0)
 
@@ -314,6 +320,15 @@ class Store:
         if key_id < 0 or key_id >= st.capacity:
             return np.empty(0, self.columns[column].dtype)
         return _k.ring_read(st.arrays[column], st.arrays[column + ".head"], key_id)
+
+    def topk_of(self, column: str, key_id: int, k: int) -> np.ndarray:
+        """The key's k largest values, merged across shards (largest first)."""
+        parts = [_k.topk_read(st.arrays[column], st.arrays[column + ".fill"], key_id)
+                 for st in self.shards if 0 <= key_id < st.capacity]
+        if not parts:
+            return np.empty(0, self.columns[column].dtype)
+        merged = np.concatenate(parts)
+        return merged[np.argsort(-merged, kind="stable")][:k] if len(parts) > 1 else merged
 
     def multimap_of(self, column: str, key_id: int) -> np.ndarray:
         parts = [st.multimaps[column].get(key_id) for st in self.shards] if key_id >= 0 else []
@@ -342,10 +357,14 @@ class Store:
     def get(self, key: Any) -> dict[str, Any] | None:
         """Every column's value for one raw key, or None if the key never appeared."""
         self._check_readable()
-        kid = int(self.key_ids([key])[0])
+        try:
+            kid = self.log.dicts[self.domain].interner.get(key, -1)
+        except (TypeError, OverflowError):
+            kid = int(self.key_ids([key])[0])
         if kid < 0:
             return None
-        shard = self.log.shard_of_key(key) if self.copartitioned and len(self.shards) > 1 else 0
+        if len(self.shards) == 1 or self.copartitioned:
+            return self._get_one_shard(key, kid)
         with self._locked():
             scal = self.read_ids(np.array([kid]))
             out: dict[str, Any] = {c: v[0].item() for c, v in scal.items()}
@@ -354,7 +373,43 @@ class Store:
                     out[c] = self.ring_of(c, kid, shard)
                 elif isinstance(kind, MultiMapColumn):
                     out[c] = self.multimap_of(c, kid)
+                elif isinstance(kind, TopK):
+                    out[c] = self.topk_of(c, kid, kind.k)
         return {c: out[c] for c in self.user_columns}
+
+    def _get_one_shard(self, key: Any, kid: int) -> dict[str, Any]:
+        """Point read from the one shard that owns the key: scalar reads, no temporaries."""
+        shard = self.log.shard_of_key(key) if len(self.shards) > 1 else 0
+        st = self.shards[shard]
+        ops = self._ops
+        out: dict[str, Any] = {}
+        with self.locks[shard]:
+            inside = kid < st.capacity
+            for c, kind in self.user_columns.items():
+                op = ops.get(c)
+                if op is None:
+                    if isinstance(kind, Ring):
+                        out[c] = self.ring_of(c, kid, shard)
+                    elif isinstance(kind, MultiMapColumn):
+                        out[c] = self.multimap_of(c, kid)
+                    else:
+                        out[c] = self.topk_of(c, kid, kind.k)
+                elif op == "mean":
+                    n = int(st.arrays[c + ".count"][kid]) if inside else 0
+                    out[c] = float(st.arrays[c][kid]) / n if n else float("nan")
+                else:
+                    out[c] = st.arrays[c][kid].item() if inside else self._dtype(c).type(0).item()
+        return out
+
+    @property
+    def _ops(self) -> dict[str, str]:
+        """Scalar column -> the op that combines it (cached)."""
+        ops = self.__dict__.get("_ops_cache")
+        if ops is None:
+            ops = self.__dict__["_ops_cache"] = {
+                c: self._column_op(c) for c, k in self.user_columns.items()
+                if not isinstance(k, (Ring, MultiMapColumn, TopK))}
+        return ops
 
     def get_many(self, keys: Any) -> dict[str, np.ndarray]:
         """Scalar columns for many raw keys as arrays (unknown keys read as 0; see "found")."""
@@ -388,12 +443,7 @@ class Store:
         self._check_readable()
         n = len(self.log.dicts[self.domain])
         with self._locked():
-            cols = self.read_ids(np.arange(n, dtype=np.int64)) if len(self.shards) > 1 else {
-                c: self.shards[0].arrays[c][:n].copy() for c, k in self.user_columns.items()
-                if not isinstance(k, (Ring, MultiMapColumn)) and self._column_op(c) != "mean"}
-            if len(self.shards) == 1:
-                cols.update({c: v for c, v in self.read_ids(np.arange(n, dtype=np.int64)).items()
-                             if c not in cols})
+            cols = self.read_ids(np.arange(n, dtype=np.int64))
         keys = self.log.dicts[self.domain].key_of(np.arange(n))
         table = {"key": pa.array(keys)}
         table.update({c: pa.array(v) for c, v in cols.items()})
@@ -460,6 +510,8 @@ def _run_builtins(st: ShardState, rs: list[Reducer], ids: np.ndarray, batch: Any
             getattr(_k, "reduce_" + r.op)(st.arrays[r.column], st.arrays[r.column + ".seen"], ids, vals, None)
         elif r.op == "push":
             _k.ring_push(st.arrays[r.column], st.arrays[r.column + ".head"], ids, vals, None)
+        elif r.op == "top":
+            _k.topk_push(st.arrays[r.column], st.arrays[r.column + ".fill"], ids, vals, None)
 
 
 def _values(st: ShardState, r: Reducer, batch: Any, t: str) -> np.ndarray:

@@ -557,10 +557,6 @@ def _recrc(path: str, pos: int, length: int, change) -> None:
         f.write(frame)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: ShardLog.read does not check a frame's first offset "
-                   "against the sealed segment's index: a CRC-valid frame that disagrees (a "
-                   "misdirected or stale write) silently skips or renumbers actions, or trips an "
-                   "assertion in Batch.between (engine/shardlog.py read)")
 def test_frame_disagreeing_with_the_index_is_corrupt(damaged):
     copy, segs, _, expected = damaged
     seg = next(s for s in segs if s.shard == 0 and not s.last)
@@ -576,9 +572,6 @@ def test_frame_disagreeing_with_the_index_is_corrupt(damaged):
     assert got == expected[0], "actions were skipped or renumbered without an error"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: decode_frame accepts a CRC-valid frame that lacks a "
-                   "column of a field without a default; reading it then leaks KeyError from "
-                   "_default_column instead of CorruptLogError (engine/frame.py decode_frame)")
 def test_frame_without_a_required_column_is_corrupt(damaged):
     copy, segs, _, _ = damaged
     seg = next(s for s in segs if s.shard == 1 and not s.last)
@@ -595,9 +588,6 @@ def test_frame_without_a_required_column_is_corrupt(damaged):
     assert seg.rel in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: KeyDictionary._load cuts a damaged last key record "
-                   "although frames use its ids; the ids are then given to new keys and old "
-                   "actions silently read the wrong key (engine/keys.py _load, engine/log.py open)")
 def test_cut_key_record_used_by_frames_is_not_reused(damaged):
     copy, _, _, expected = damaged
     path = os.path.join(copy, "keys", "tag.keys")

@@ -409,10 +409,7 @@ def test_kill9_keeps_every_acknowledged_action(tmp_path):
 
 
 PARK_POINTS = [
-    pytest.param("os.posix_fallocate", id="segment-created-not-preallocated", marks=pytest.mark.xfail(
-        strict=True, reason="BUG: a kill between creating a segment file (O_CREAT) and "
-        "posix_fallocate leaves a 0-byte segment; Segment.open refuses it with CorruptLogError "
-        "'shorter than its header' instead of recovering (engine/segment.py Segment.open)")),
+    pytest.param("os.posix_fallocate", id="segment-created-not-preallocated"),
     pytest.param("mmap.mmap", id="segment-preallocated-no-header"),
     pytest.param("os.replace", id="index-written-not-renamed"),
     pytest.param("os.pwrite", id="key-record-not-written"),

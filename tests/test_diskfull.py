@@ -193,10 +193,6 @@ def _fill_to_roll(log: en.Log, shard: int, user: int, caption_bytes: int = 20_00
     assert log.shard_logs[shard].segments[-1].room() > 1024  # room enough for a small frame
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: after DiskFullError in ShardLog.roll (old segment "
-                   "already sealed, new one not created) the next small frame is written into the "
-                   "sealed segment past its index and acknowledged, then lost on reopen "
-                   "(engine/shardlog.py write_frame/roll)")
 def test_small_action_after_failed_roll_is_kept(tmp_path, monkeypatch):
     path = str(tmp_path / "log")
     log = _one_shard_log(path)
@@ -231,9 +227,6 @@ def test_failed_append_leaves_no_part_in_other_shards(tmp_path, monkeypatch):
         log.close()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: ENOSPC while writing a sealed segment's index "
-                   "(Segment.seal: open/write/fsync of <base>.idx.tmp) escapes as a bare OSError, "
-                   "not DiskFullError (engine/segment.py seal)")
 def test_enospc_writing_an_index_is_disk_full(tmp_path, monkeypatch):
     log = _one_shard_log(str(tmp_path / "log"))
     _fill_to_roll(log, 0, user=1)
@@ -247,9 +240,6 @@ def test_enospc_writing_an_index_is_disk_full(tmp_path, monkeypatch):
         log.close()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a short pwrite of a key record (what a nearly full "
-                   "tmpfs/ext4 returns) raises DiskFullError('short write of a key record') that "
-                   "does not say to free space and retry (engine/keys.py _write_record)")
 def test_short_key_record_write_says_what_to_do(tmp_path, monkeypatch):
     path = str(tmp_path / "log")
     log = _one_shard_log(path)

@@ -33,9 +33,10 @@ def stores() -> list[Store]:
               reducers={"like": [r.count("likes"), r.sum("ts_sum", "ts"), r.min("ts_min", "ts"),
                                  r.max("ts_max", "ts"), r.mean("ts_mean", "ts")]}),
         Store("user", key="user", columns={"n": np.int64, "total": np.int64, "last": np.int64,
-                                           "first": np.int64, "recent": r.ring(3)},
+                                           "first": np.int64, "recent": r.ring(3), "best": r.topk(2)},
               reducers={"like": [r.count("n"), r.sum("total", "ts"), r.last("last", "ts"),
-                                 r.first("first", "ts"), r.push("recent", "photo")]},
+                                 r.first("first", "ts"), r.push("recent", "photo"),
+                                 r.top("best", "ts")]},
               key_fields={"like": "user"}),
         Store("followers", key="user", columns={"who": r.multimap(), "count": np.int64},
               reducers={"follow": [r.add("who", "user"), r.count("count")]},
@@ -57,6 +58,8 @@ def snapshot(app: App) -> dict:
 
 def _raw(app: App, column: str, ids: np.ndarray) -> list:
     """Ring and multimap values hold key ids: map them back to raw keys."""
+    if column == "best":
+        return ids.tolist()  # values, not key ids
     domain = {"recent": "photo", "who": "user"}[column]
     return [int(k) for k in app.log.dicts[domain].key_of(ids)]
 
@@ -74,7 +77,9 @@ def model(actions: list[tuple]) -> dict:
             ph["ts_sum"] += ts
             ph["ts_min"] = min(ph["ts_min"], ts)
             ph["ts_max"] = max(ph["ts_max"], ts)
-            us = user.setdefault(u, {"n": 0, "total": 0, "last": ts, "first": ts, "recent": []})
+            us = user.setdefault(u, {"n": 0, "total": 0, "last": ts, "first": ts, "recent": [],
+                                     "best": []})
+            us["best"] = sorted(us["best"] + [ts], reverse=True)[:2]
             us["n"] += 1
             us["total"] += ts
             us["last"] = ts
@@ -160,8 +165,8 @@ def test_incremental_equals_full_twin_and_model(actions, cuts, restarts):
             assert got["ts_mean"] == pytest.approx(v["ts_sum"] / v["likes"])
         for u, v in m["user"].items():
             got = full["user"][u]
-            assert (got["n"], got["total"], got["last"], got["first"], got["recent"]) == (
-                v["n"], v["total"], v["last"], v["first"], v["recent"])
+            assert (got["n"], got["total"], got["last"], got["first"], got["recent"], got["best"]) == (
+                v["n"], v["total"], v["last"], v["first"], v["recent"], v["best"])
         for t, v in m["followers"].items():
             assert full["followers"][t]["count"] == v["count"]
             assert full["followers"][t]["who"] == v["who"]
