@@ -10,9 +10,7 @@ next offset, CRC32C-protected) → RETIRED (deleted by retention or replaced by 
 Creation is crash-safe: a new segment is built under ``<base>.seg.tmp`` (preallocated, header
 written, fdatasync'd; ``prepare``) and only then renamed into place (``publish``, then the
 directory is fsync'd). A ``<base>.seg`` therefore always has its full size and a header; a crash
-leaves at most a ``*.seg.tmp``, which the shard log removes (and reports) on open. A new segment
-may start from a *spare*: a file zero-filled ahead of time (``make_blank``) by a background
-thread, so that appends do not write into unwritten extents (see ``shardlog``).
+leaves at most a ``<base>.seg.tmp``, which the shard log removes (and reports) on open.
 
 Recovery (``Segment.open``): a sealed segment trusts its index (frames are still CRC-checked on
 read); a missing or damaged index is rebuilt by a full scan. The open segment is scanned: a torn
@@ -27,7 +25,6 @@ import errno
 import mmap
 import os
 import struct
-import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,10 +89,9 @@ class Segment:
         self.state = to
 
     @classmethod
-    def create(cls, directory: str, shard: int, base: int, size: int,
-               spare: str | None = None) -> "Segment":
+    def create(cls, directory: str, shard: int, base: int, size: int) -> "Segment":
         """Create, preallocate and map a new OPEN segment starting at offset ``base``."""
-        seg = cls.prepare(directory, shard, base, size, spare)
+        seg = cls.prepare(directory, shard, base, size)
         try:
             seg.publish()
         except BaseException:
@@ -104,37 +100,22 @@ class Segment:
         return seg
 
     @classmethod
-    def prepare(cls, directory: str, shard: int, base: int, size: int,
-                spare: str | None = None) -> "Segment":
-        """Build a new OPEN segment under ``<base>.seg.tmp``: preallocated (or taken from the
-        zero-filled ``spare`` file), mapped, header written and fdatasync'd. Nothing is visible
-        under the segment's name until ``publish``; ``discard`` removes it.
+    def prepare(cls, directory: str, shard: int, base: int, size: int) -> Segment:
+        """Build a new OPEN segment under ``<base>.seg.tmp``: preallocated, mapped, header
+        written and fdatasync'd. Nothing is visible under the segment's name until
+        ``publish``; ``discard`` removes it.
 
         Raises DiskFullError (nothing created) if the disk has no room for it.
         """
         path = os.path.join(directory, seg_name(base))
         tmp = path + ".tmp"
-        fd = -1
-        if spare is not None:
-            try:
-                os.rename(spare, tmp)  # claim the spare: from here it is this segment's temp file
-                fd = os.open(tmp, os.O_RDWR)
-                if os.fstat(fd).st_size != size:
-                    raise OSError(errno.EINVAL, "spare segment has the wrong size")
-            except OSError:
-                if fd >= 0:
-                    os.close(fd)
-                fd = -1
-                _unlink_quiet(spare)
-                _unlink_quiet(tmp)
-        if fd < 0:
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                _preallocate(fd, size, path, shard, base)
-            except BaseException:
-                os.close(fd)
-                _unlink_quiet(tmp)
-                raise
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            _preallocate(fd, size, path, shard, base)
+        except BaseException:
+            os.close(fd)
+            _unlink_quiet(tmp)
+            raise
         try:
             mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             _SEG_HEADER.pack_into(mm, 0, SEG_MAGIC, SEG_VERSION, 0, shard, base, size)
@@ -366,7 +347,6 @@ def _header_first(mm: Any, pos: int) -> int:
 
 
 _FULL = (errno.ENOSPC, errno.EDQUOT)
-_ZERO_CHUNK = 1 << 20
 
 
 def _unlink_quiet(path: str) -> None:
@@ -376,7 +356,7 @@ def _unlink_quiet(path: str) -> None:
         pass
 
 
-def _preallocate(fd: int, size: int, path: str, shard: int | None, base: int | None) -> None:
+def _preallocate(fd: int, size: int, path: str, shard: int, base: int) -> None:
     try:
         os.posix_fallocate(fd, 0, size)
     except OSError as exc:
@@ -384,38 +364,6 @@ def _preallocate(fd: int, size: int, path: str, shard: int | None, base: int | N
             raise DiskFullError("no space to preallocate a new segment; free space and retry",
                                 path=path, shard=shard, offset=base) from exc
         raise
-
-
-def make_blank(path: str, size: int, stop: threading.Event | None = None,
-               sync_every: int = 8 << 20) -> bool:
-    """Create ``path`` as a preallocated file of ``size`` zero bytes that are really written
-    (no unwritten extents: later fdatasyncs of appends into it need no extent conversion), and
-    fdatasync it. Returns False (file removed) if ``stop`` was set meanwhile; raises
-    DiskFullError / OSError (file removed) on failure. Meant for a background thread.
-    """
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-    ok = False
-    try:
-        _preallocate(fd, size, path, None, None)
-        zeros = bytes(_ZERO_CHUNK)
-        done = since_sync = 0
-        while done < size:
-            if stop is not None and stop.is_set():
-                return False
-            n = min(_ZERO_CHUNK, size - done)
-            os.pwrite(fd, zeros if n == _ZERO_CHUNK else zeros[:n], done)
-            done += n
-            since_sync += n
-            if since_sync >= sync_every:  # bounded bursts of writeback, not one 64 MiB one
-                os.fdatasync(fd)
-                since_sync = 0
-        os.fdatasync(fd)
-        ok = True
-        return True
-    finally:
-        os.close(fd)
-        if not ok:
-            _unlink_quiet(path)
 
 
 def _fsync_dir(directory: str) -> None:

@@ -2,28 +2,25 @@
 
 Readers go through ``read(start, stop)``, which yields ``Batch`` views of exactly the actions
 [start, stop) in order (invariant 3); frames are CRC-checked as they are read, and each frame's
-header must agree with the segment's index (first offset, end offset). The writer appends encoded frames with ``write_frame`` and rolls to a new
-preallocated segment when the current one is full. A NATS JetStream log would implement the
-same small surface (``end_offset``, ``start_offset``, ``read``, ``refresh``) and readers would
-not change.
+header must agree with the segment's index (first and end offset). The writer appends encoded
+frames with ``write_frame`` and rolls to a new preallocated segment when the current one is
+full. A NATS JetStream log would implement the same small surface (``end_offset``,
+``start_offset``, ``read``, ``refresh``) and readers would not change.
 
 Rolling is ordered so that a failure at any step keeps every action: the new segment is
 prepared under a temp name first (a full disk fails here, and the open segment stays open and
 writable), then the old segment is sealed (index written), then the new one is renamed into
 place. ``write_frame`` only ever writes into an OPEN segment.
 
-Spare segments. With large segments (``SPARE_MIN_BYTES``), once the open segment is half full a
-background thread makes a *spare*: a file zero-filled for real under a temp name
-(``spare-*.seg.tmp``); the next roll renames it into place instead of preallocating, so appends
-never write into unwritten extents (whose fdatasyncs cost more) and never wait for the zero
-filling. Without a ready spare the roll preallocates synchronously. Temp files are removed on
-open (a ``<base>.seg.tmp`` is reported as a crash at creation) and the spare on close; the
-thread is joined on close.
+Temp files (``*.tmp``: a segment being created, an index or a compaction being written) are
+removed on open; a ``<base>.seg.tmp`` is reported as a crash at creation.
 
 Key ids. On open, the newest frames are checked against the key dictionaries (every frame, if a
 dictionary had to cut a damaged last record): a frame using an id the dictionary does not have
 means the dictionary lost records that the log uses, and new keys would silently reuse those
-ids, so the open is refused with ``CorruptLogError`` naming the ``.keys`` file.
+ids, so the open is refused with ``CorruptLogError`` naming the ``.keys`` file. (A read-only
+follower first re-reads the dictionaries: the writer may have added keys, and frames using
+them, since they were read.)
 """
 
 from __future__ import annotations
@@ -32,22 +29,28 @@ import bisect
 import os
 import re
 import struct
-import threading
 import time
-import uuid
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from ._impl import load
 from .errors import CorruptLogError, LogError
-from .frame import (FRAME_MAGIC, FRAME_VERSION, HEADER_BYTES, Batch, ColumnSpec, decode_frame,
-                    frame_layout, read_header, write_frame)
-from .segment import SEG_HEADER_BYTES, Segment, SegmentState, make_blank, seg_name
+from .frame import (
+    FRAME_MAGIC,
+    FRAME_VERSION,
+    HEADER_BYTES,
+    Batch,
+    ColumnSpec,
+    decode_frame,
+    frame_layout,
+    read_header,
+    write_frame,
+)
+from .segment import SEG_HEADER_BYTES, Segment, SegmentState, seg_name
 
 _codec = load("codec")
 
-SPARE_MIN_BYTES = 8 << 20  # segments at least this large get a spare made ahead of time
 KEY_CHECK_FRAMES = 16  # newest frames per shard checked against the key dictionaries on open
 _MAGIC_VERSION = struct.Struct("<IH")
 _CREATING = re.compile(r"^\d{20}\.seg\.tmp$")  # a segment being created (see Segment.prepare)
@@ -66,13 +69,6 @@ class ShardLog:
         self.dicts = dicts
         self.segments: list[Segment] = []
         self._bases: list[int] = []
-        # spare segment (writer only): a zero-filled file made by a background thread
-        self._spare_on = writable and segment_bytes >= SPARE_MIN_BYTES
-        self._spare_ready: str | None = None
-        self._spare_thread: threading.Thread | None = None
-        self._spare_stop = threading.Event()
-        self._spare_failed = False
-        self._closed = False
         if writable:
             os.makedirs(directory, exist_ok=True)
         try:
@@ -93,7 +89,7 @@ class ShardLog:
                 # held a frame (nothing is written into a segment before it is published)
                 report.append(f"{path}: unfinished new segment (crash at creation)"
                               + ("; removed" if self.writable else ""))
-            if self.writable:  # index temps, compaction temps, spares: never the only copy
+            if self.writable:  # index and compaction temps: never the only copy
                 os.unlink(path)
         expected = None
         for i, name in enumerate(names):
@@ -112,7 +108,7 @@ class ShardLog:
             self._new_segment(self.segments[-1].next_offset if self.segments else 0)
 
     def _new_segment(self, base: int) -> Segment:
-        seg = Segment.create(self.directory, self.shard, base, self.segment_bytes, self._take_spare())
+        seg = Segment.create(self.directory, self.shard, base, self.segment_bytes)
         self.segments.append(seg)
         self._bases.append(base)
         return seg
@@ -124,7 +120,8 @@ class ShardLog:
         for at in self.schema:
             for f, domain in at.key_fields.items():
                 if domain in self.dicts:
-                    out.setdefault(self.schema.type_id(at.name), []).append((at.field_index(f), domain))
+                    t = self.schema.type_id(at.name)
+                    out.setdefault(t, []).append((at.field_index(f), domain))
         return out
 
     def _newest_frames(self, limit: int | None) -> Iterator[tuple[Segment, int]]:
@@ -139,7 +136,8 @@ class ShardLog:
                 yield seg, p
 
     def _key_id_use(self, domains: Sequence[str], limit: int | None,
-                    beyond: Mapping[str, int] | None = None):
+                    beyond: Mapping[str, int] | None = None,
+                    ) -> tuple[dict[str, int], tuple[str, int, Segment, int] | None]:
         """Largest key id per domain used by the newest ``limit`` frames (all if None), and,
         if ``beyond`` is given, the first frame (newest first) using an id >= beyond[domain]:
         (maxima, (domain, id, segment, position) or None).
@@ -166,9 +164,9 @@ class ShardLog:
                     if v is None or not len(v):
                         continue
                     m = int(v.max())
-                    if m > maxima[d]:
-                        maxima[d] = m
-                    if beyond is not None and d in beyond and m >= beyond[d] and self._crc_ok(seg, pos):
+                    maxima[d] = max(maxima[d], m)
+                    if (beyond is not None and d in beyond and m >= beyond[d]
+                            and self._crc_ok(seg, pos)):
                         return maxima, (d, m, seg, pos)
         return maxima, None
 
@@ -181,17 +179,22 @@ class ShardLog:
         """Refuse a log whose frames use key ids its dictionaries do not have (see above)."""
         if not self.dicts or not self.segments:
             return
-        cut = [d for d, kd in self.dicts.items() if getattr(kd, "cut_from_id", None) is not None]
-        sizes = {d: len(kd) for d, kd in self.dicts.items()}
-        _, hit = self._key_id_use(list(self.dicts), None if cut else KEY_CHECK_FRAMES, sizes)
-        if hit is None:
-            return
+        every = any(kd.cut_from_id is not None for kd in self.dicts.values())
+        for _attempt in range(3):
+            sizes = {d: len(kd) for d, kd in self.dicts.items()}
+            _, hit = self._key_id_use(list(self.dicts), None if every else KEY_CHECK_FRAMES, sizes)
+            if hit is None:
+                return
+            if self.writable:  # the only writer: the dictionaries cannot have grown meanwhile
+                break
+            for kd in self.dicts.values():  # a follower: the writer may have added keys since
+                kd.refresh()
+        assert hit is not None
         d, m, seg, pos = hit
         kd = self.dicts[d]
-        if hasattr(kd, "refuse_cut"):
-            kd.refuse_cut()
-        was_cut = (f"a damaged last record (ids from {kd.cut_from_id}) was found"
-                   if getattr(kd, "cut_from_id", None) is not None else "records are missing")
+        kd.refuse_cut()
+        was_cut = (f"a damaged last record (ids from {kd.cut_from_id}) was cut"
+                   if kd.cut_from_id is not None else "records are missing")
         raise CorruptLogError(
             f"key dictionary of domain {d!r} has {len(kd)} keys but the frame at byte {pos} of "
             f"{seg.path} (shard {self.shard}) uses key id {m}: {was_cut}. New keys would reuse "
@@ -230,8 +233,6 @@ class ShardLog:
         pos = seg.end_pos
         written = write_frame(seg.mm, pos, first, count, ntypes, columns, time.time_ns())
         seg.add_frame(pos, written, first, count)
-        if self._spare_on and self._spare_ready is None and 2 * seg.end_pos >= seg.size:
-            self._start_spare()
         return first
 
     def roll(self) -> None:
@@ -243,11 +244,11 @@ class ShardLog:
         seg = self.segments[-1]
         if seg.state is SegmentState.OPEN and seg.frame_count == 0:
             return  # nothing to seal; the empty segment keeps its base offset
-        new = Segment.prepare(self.directory, self.shard, seg.next_offset, self.segment_bytes,
-                              self._take_spare())
+        if seg.state is SegmentState.OPEN:
+            seg.sync()  # its frames are durable before anything else happens
+        new = Segment.prepare(self.directory, self.shard, seg.next_offset, self.segment_bytes)
         try:
             if seg.state is SegmentState.OPEN:
-                seg.sync()
                 seg.seal()
             new.publish()
         except BaseException:
@@ -258,52 +259,6 @@ class ShardLog:
 
     def sync(self) -> None:
         self.segments[-1].sync()
-
-    # -- spare segment ---------------------------------------------------------------------
-    def _take_spare(self) -> str | None:
-        """The ready spare's path (now the caller's), or None. Arms the next spare."""
-        self._reap_spare()
-        spare, self._spare_ready = self._spare_ready, None
-        self._spare_failed = False  # a new segment: try again (space may have been freed)
-        return spare
-
-    def _reap_spare(self) -> None:
-        t = self._spare_thread
-        if t is not None and not t.is_alive():
-            t.join()
-            self._spare_thread = None
-
-    def _start_spare(self) -> None:
-        self._reap_spare()
-        if self._spare_thread is not None or self._spare_failed or self._closed:
-            return
-        path = os.path.join(self.directory, f"spare-{uuid.uuid4().hex[:12]}.seg.tmp")
-        t = threading.Thread(target=self._make_spare, args=(path,), daemon=True,
-                             name=f"engine-spare-{self.shard}")
-        self._spare_thread = t
-        t.start()
-
-    def _make_spare(self, path: str) -> None:
-        try:
-            made = make_blank(path, self.segment_bytes, self._spare_stop)
-        except Exception:  # noqa: BLE001 - no spare (e.g. a full disk): the roll preallocates
-            self._spare_failed = True  # and reports a full disk itself; retried after a roll
-            return
-        if made:
-            self._spare_ready = path
-
-    def _drop_spare(self) -> None:
-        self._spare_stop.set()
-        t = self._spare_thread
-        if t is not None:
-            t.join()
-            self._spare_thread = None
-        spare, self._spare_ready = self._spare_ready, None
-        if spare is not None:
-            try:
-                os.unlink(spare)
-            except FileNotFoundError:
-                pass
 
     # -- reading ---------------------------------------------------------------------------
     def refresh(self) -> None:
@@ -415,9 +370,6 @@ class ShardLog:
         return removed
 
     def close(self) -> None:
-        """Release everything: the spare (thread joined, file removed), the segments."""
-        self._closed = True
-        self._drop_spare()
         for seg in self.segments:
             seg.close()
         self.segments = []
