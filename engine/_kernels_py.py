@@ -523,8 +523,8 @@ def topk_push(top: np.ndarray, fill: np.ndarray, key_ids: Any, values: Any,
     odd = ((prefix[:, :-1] < prefix[:, 1:]) & used[:, 1:]).any(axis=1)
     if v.dtype == _FLOAT64:
         odd |= (np.isnan(prefix) & used).any(axis=1)
-    row_odd = odd[np.searchsorted(touched, ids)]
     if odd.any():
+        row_odd = odd[np.searchsorted(touched, ids)]
         for key, x in zip(ids[row_odd].tolist(), v[row_odd]):
             _topk_insert(t[key], f, key, x)
         ids, v = ids[~row_odd], v[~row_odd]

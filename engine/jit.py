@@ -45,7 +45,7 @@ __all__ = [
     "kernel", "Kernel",
     "reduce_count_numba", "reduce_sum_numba", "reduce_min_numba", "reduce_max_numba",
     "reduce_first_numba", "reduce_last_numba", "fold_count_sum_last_numba",
-    "fold_count_sum_last_rows_numba", "ring_push_numba", "check_key_ids_numba",
+    "fold_count_sum_last_rows_numba", "ring_push_numba", "topk_push_numba", "check_key_ids_numba",
     "prefetch_write",
 ]  # fmt: skip
 
@@ -255,6 +255,57 @@ def ring_push_numba(ring, head, key_ids, values, mask=None):  # type: ignore[no-
         pushes = np.uint64(head[k])  # an unsigned count, as in the native kernel
         ring[k, pushes % width] = values[i]
         head[k] = np.int64(pushes + np.uint64(1))
+
+
+@_njit
+def _check_fill(fill, key_ids, mask, width):  # type: ignore[no-untyped-def]
+    """Raise ValueError unless every kept row's key has 0 <= fill <= width (ids checked)."""
+    for i in range(key_ids.shape[0]):
+        if mask is not None and mask[i] == 0:
+            continue
+        k = key_ids[i]
+        if not 0 <= fill[k] <= width:
+            raise ValueError(
+                "fill[" + str(k) + "] = " + str(fill[k]) + " (key_ids[" + str(i) + "]) is "
+                "outside [0, " + str(width) + "]: fill[k] counts the used slots of top[k], at "
+                "most top.shape[1]; nothing was written"
+            )
+
+
+@_njit
+def topk_push_numba(top, fill, key_ids, values, mask=None):  # type: ignore[no-untyped-def]
+    """top: (nkeys, k >= 1) of the values' dtype, fill: int64; see engine._kernels.topk_push."""
+    width = top.shape[1]
+    if width < 1:
+        raise ValueError("top must be an (nkeys, k >= 1) array")
+    keys = min(top.shape[0], fill.shape[0])
+    check_key_ids_numba(key_ids, mask, keys)
+    _check_fill(fill, key_ids, mask, width)
+    ahead = _ahead(keys, 8 * width + 8)
+    for i in range(key_ids.shape[0]):
+        kp = _next_id(key_ids, i, ahead, keys)
+        if kp >= 0:  # fill, and the row's first and last slot (a full key compares the last)
+            prefetch_write(fill, kp)
+            prefetch_write(top, (kp, 0))
+            prefetch_write(top, (kp, width - 1))
+        if mask is not None and mask[i] == 0:
+            continue
+        x = values[i]
+        if x != x:  # NaN is never inserted
+            continue
+        k = key_ids[i]
+        f = fill[k]
+        if f < width:
+            j = f
+            fill[k] = f + 1
+        elif top[k, width - 1] < x:
+            j = width - 1
+        else:
+            continue
+        while j > 0 and top[k, j - 1] < x:
+            top[k, j] = top[k, j - 1]
+            j -= 1
+        top[k, j] = x
 
 
 # ---- user kernels ------------------------------------------------------------------------------

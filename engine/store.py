@@ -327,8 +327,13 @@ class Store:
                  for st in self.shards if 0 <= key_id < st.capacity]
         if not parts:
             return np.empty(0, self.columns[column].dtype)
+        if len(parts) == 1:
+            return parts[0]
         merged = np.concatenate(parts)
-        return merged[np.argsort(-merged, kind="stable")][:k] if len(parts) > 1 else merged
+        n = len(merged)
+        # descending, ties in shard order: a stable ascending sort of the reversed array, reversed
+        order = (n - 1 - np.argsort(merged[::-1], kind="stable"))[::-1]
+        return merged[order][:k]
 
     def multimap_of(self, column: str, key_id: int) -> np.ndarray:
         parts = [st.multimaps[column].get(key_id) for st in self.shards] if key_id >= 0 else []

@@ -7,6 +7,8 @@ equals one call; read-only arrays and read-only memmaps are accepted as inputs a
 memmaps as outputs; a too-short output raises ValueError and is left untouched; big outputs
 take the native prefetching path; both modules reject bad arguments with the same exception
 and message. The numba tier (engine.jit) is held to the twin too, when numba is installed.
+Per-key top k (``topk_push``) is also run from states no push could leave (unsorted, NaN), where
+native and twin must still agree bit for bit.
 """
 
 from __future__ import annotations
@@ -136,6 +138,16 @@ def model(op: str, state: list[list[Any]], b: Batch) -> list[list[Any]]:
         for k, v in rows:
             ring[k][head[k] % len(ring[k])] = v
             head[k] += 1
+    elif op == "topk":   # a sorted list per key: after every value >= v, then cut to k
+        top, fill = st_
+        for k, v in rows:
+            if is_nan(v):
+                continue
+            kept = top[k][: fill[k]]
+            kept.insert(sum(1 for x in kept if x >= v), v)
+            kept = kept[: len(top[k])]
+            top[k][: len(kept)] = kept
+            fill[k] = len(kept)
     return st_
 
 
@@ -158,6 +170,16 @@ def _vals(b: Batch, rng: np.random.Generator, n: int) -> np.ndarray:
 
 def _seen_init(b, rng):
     return _vals(b, rng, b.nkeys), rng.integers(0, 2, b.nkeys).astype(bool)
+
+
+def _topk_init(b, rng, widths=(1, 2, 3, 5, 8)):
+    """A state topk_push may have left: k largest first up to fill[k], junk after."""
+    width = int(rng.choice(widths))
+    top = _vals(b, rng, b.nkeys * width).reshape(b.nkeys, width)
+    fill = rng.integers(0, width + 1, b.nkeys).astype(np.int64)
+    for k in range(b.nkeys):
+        top[k, : fill[k]] = np.sort(top[k, : fill[k]])[::-1]
+    return top, fill
 
 
 OPS: dict[str, Op] = {
@@ -184,6 +206,8 @@ OPS: dict[str, Op] = {
     "ring": Op("int64", lambda b, r: (r.integers(-5, 5, (b.nkeys, RING_WIDTH)),
                                       r.integers(0, 7, b.nkeys).astype(np.int64)),
                lambda m, s, b: m.ring_push(*s, b.ids, b.values, b.mask), "ring_push_numba"),
+    "topk": Op(None, _topk_init, lambda m, s, b: m.topk_push(*s, b.ids, b.values, b.mask),
+               "topk_push_numba"),
 }
 OP_NAMES = list(OPS)
 
@@ -423,6 +447,161 @@ def test_topk_largest_first_ties_by_smaller_id(mod, b, k):
     assert got.dtype == np.int64 and got.tolist() == want
 
 
+# ---- per-key top k ---------------------------------------------------------------------------
+
+
+def topk_model(top: np.ndarray, fill: np.ndarray, b: Batch) -> tuple[np.ndarray, np.ndarray]:
+    return as_arrays(model("topk", [top.tolist(), fill.tolist()], b), (top, fill))
+
+
+@st.composite
+def crowded(draw, max_rows: int = 300) -> Batch:
+    """Few keys, many rows: keys fill up, then most values compete with the smallest kept."""
+    b = draw(batches(max_rows=max_rows))
+    nkeys = draw(st.integers(1, 3))
+    return Batch(nkeys, b.ids % nkeys, b.values, b.mask)
+
+
+@pytest.mark.parametrize("width", [1, 2, 64, 300])
+@FAST
+@given(b=crowded(), seed=st.integers(0, 2**32 - 1))
+def test_topk_k1_and_large_k_agree_with_the_model(width, b, seed):
+    state0 = _topk_init(b, np.random.default_rng(seed), widths=(width,))
+    want = topk_model(*state0, b)
+    for mod in (native, twin):
+        state = fresh(state0)
+        mod.topk_push(*state, b.ids, b.values, b.mask)
+        assert same_bits(state, want), mod.__name__
+
+
+@pytest.mark.parametrize("mod", MODULES)
+@FAST
+@given(b=batches(max_rows=80), width=st.sampled_from([1, 2, 3, 5, 40]))
+def test_topk_read_gives_the_kept_values_largest_first(mod, b, width):
+    top = np.full((b.nkeys, width), 7, b.values.dtype)   # junk: fill says what is used
+    fill = np.zeros(b.nkeys, np.int64)
+    want = model("topk", [top.tolist(), fill.tolist()], b)
+    for cut in range(0, len(b.ids) + 1, 25):   # in pieces, reading back in between
+        part = Batch(b.nkeys, b.ids[cut:cut + 25], b.values[cut:cut + 25],
+                     None if b.mask is None else b.mask[cut:cut + 25])
+        mod.topk_push(top, fill, part.ids, part.values, part.mask)
+    for key in range(-2, b.nkeys + 2):
+        got = mod.topk_read(read_only(top), read_only(fill), key)
+        assert got.dtype == top.dtype and got.ndim == 1
+        if not 0 <= key < b.nkeys:
+            assert got.shape == (0,)
+            continue
+        expect = np.array(want[0][key][: want[1][key]], dtype=top.dtype)
+        assert got.tobytes() == expect.tobytes()
+        if got.shape[0]:   # a copy, not a view of the state
+            got[0] = 0
+            assert top[key, 0].tobytes() == expect[:1].tobytes()
+
+
+@pytest.mark.parametrize("mod", MODULES)
+def test_topk_read_accepts_memmaps_and_short_fill(mod, tmp_path):
+    top = np.array([[5, 3], [9, 9], [4, 0]], np.int64)
+    fill = np.array([2, 1], np.int64)   # shorter than top: key 2 is outside
+    t, f = memmap_of(tmp_path, top, "top"), memmap_of(tmp_path, fill, "fill")
+    got = mod.topk_read(t, f, 0)
+    assert type(got) is np.ndarray and got.tolist() == [5, 3]
+    assert mod.topk_read(t, f, 1).tolist() == [9]
+    assert mod.topk_read(t, f, 2).tolist() == [] and mod.topk_read(t, f, 2).dtype == np.int64
+    assert mod.topk_read(np.zeros((0, 3)), np.zeros(0, np.int64), 0).dtype == np.float64
+
+
+@pytest.mark.parametrize("mod", MODULES)
+def test_topk_ties_keep_arrival_order_and_nan_never_enters(mod):
+    top, fill = np.full((1, 2), 9.0), np.zeros(1, np.int64)
+    one = np.zeros(1, np.int64)
+
+    def bits(a: np.ndarray) -> list[float]:   # the signs, so that -0.0 and 0.0 differ
+        return [math.copysign(1, x) for x in a.tolist()]
+
+    mod.topk_push(top, fill, one, [math.nan])
+    assert fill[0] == 0 and top.tolist() == [[9.0, 9.0]]
+    mod.topk_push(top, fill, np.zeros(3, np.int64), [0.0, -0.0, -0.0])
+    assert fill[0] == 2 and bits(top[0]) == [1, -1]   # -0.0 == 0.0 goes after; full: not in
+    mod.topk_push(top, fill, one, [-0.0])   # equal to the smallest of a full key: not in
+    assert bits(top[0]) == [1, -1]
+    mod.topk_push(top, fill, np.zeros(2, np.int64), [math.nan, 1.0])
+    assert top[0].tolist() == [1.0, 0.0] and bits(top[0]) == [1, 1] and fill[0] == 2
+    mod.topk_push(top, fill, np.zeros(3, np.int64), [math.inf, -math.inf, 0.5])
+    assert top[0].tolist() == [math.inf, 1.0]
+    ti, fi = np.zeros((2, 3), np.int64), np.zeros(2, np.int64)
+    keep = np.array([1, 1, 1, 1, 1, 0], bool)
+    mod.topk_push(ti, fi, np.array([1, 1, 1, 1, 1, 0]),
+                  np.array([INT64_MIN, 2, INT64_MAX, 2, 2, INT64_MIN]), keep)
+    assert ti[1].tolist() == [INT64_MAX, 2, 2] and fi.tolist() == [0, 3]
+
+
+FILL_BAD = [-1, 4, INT64_MIN, INT64_MAX]
+
+
+@pytest.mark.parametrize("mod", MODULES)
+@pytest.mark.parametrize("bad", FILL_BAD)
+@pytest.mark.parametrize("nkeys", [6, 1000])   # native: whole-fill pass first / per row only
+def test_topk_a_bad_fill_raises_before_anything_is_written(mod, bad, nkeys):
+    rng = np.random.default_rng(8)
+    top, fill = rng.normal(size=(nkeys, 3)), np.zeros(nkeys, np.int64)
+    fill[2] = bad
+    ids = np.array([0, 1, 3, 2, 2, 4], np.int64)
+    vals = np.arange(6.0)
+    before = (top.copy(), fill.copy())
+    msg = rf"fill\[2\] = {bad} \(key_ids\[3\]\) is outside \[0, 3\]"
+    with pytest.raises(ValueError, match=msg):
+        mod.topk_push(top, fill, ids, vals)
+    assert same_bits((top, fill), before)
+    keep = np.array([1, 1, 1, 0, 0, 1], bool)   # key 2 only in dropped rows: not read, no error
+    mod.topk_push(top, fill, ids, vals, keep)
+    assert fill[[0, 1, 2, 3, 4]].tolist() == [1, 1, bad, 1, 1]
+
+
+@st.composite
+def odd_states(draw) -> tuple[Batch, np.ndarray, np.ndarray]:
+    """Any top and any fill in [0, k]: unsorted rows, NaN, junk (no push leaves these)."""
+    b = draw(batches(max_rows=80))
+    width = draw(st.integers(1, 6))
+    vals = draw(st.lists(INTS if b.values.dtype == np.int64 else FLOATS,
+                         min_size=b.nkeys * width, max_size=b.nkeys * width))
+    top = np.array(vals, b.values.dtype).reshape(b.nkeys, width)
+    fill = np.array(draw(st.lists(st.integers(0, width), min_size=b.nkeys, max_size=b.nkeys)),
+                    np.int64)
+    return b, top, fill
+
+
+@FAST
+@given(case=odd_states())
+def test_topk_from_any_state_native_and_twin_agree_bit_for_bit(case):
+    b, top0, fill0 = case
+    want = fresh((top0, fill0))
+    twin.topk_push(*want, b.ids, b.values, b.mask)
+    got = fresh((top0, fill0))
+    native.topk_push(*got, b.ids, b.values, b.mask)
+    assert same_bits(got, want)
+    assert ((0 <= want[1]) & (want[1] <= top0.shape[1])).all()
+    if HAVE_NUMBA:
+        import engine.jit as jit_module
+
+        got = fresh((top0, fill0))
+        jit_module.topk_push_numba(*got, b.ids, b.values, b.mask)
+        assert same_bits(got, want)
+
+
+def test_topk_push_runs_in_threads_on_its_own_outputs():
+    rng = np.random.default_rng(9)
+    ids, vals = rng.integers(0, 300_000, 400_000), rng.normal(size=400_000)
+    outs = [(np.zeros((300_000, 4)), np.zeros(300_000, np.int64)) for _ in range(4)]
+    threads = [threading.Thread(target=native.topk_push, args=(*o, ids, vals)) for o in outs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    want = (np.zeros((300_000, 4)), np.zeros(300_000, np.int64))
+    twin.topk_push(*want, ids, vals)
+    assert all(same_bits(o, want) for o in outs)
+
+
 # ---- arguments: both modules reject alike ------------------------------------------------------
 
 
@@ -465,6 +644,23 @@ BAD_CALLS: dict[str, Callable[[Any], Any]] = {
     "topk k float": lambda m: m.topk(I8, 1.5),
     "topk int32": lambda m: m.topk(IDS.astype(np.int32), 1),
     "topk mask": lambda m: m.topk(I8, 1, np.ones(3, bool)),
+    "top k = 0": lambda m: m.topk_push(np.zeros((4, 0)), I8.copy(), IDS, F8),
+    "top 1-D": lambda m: m.topk_push(F8.copy(), I8.copy(), IDS, F8),
+    "top float32": lambda m: m.topk_push(np.zeros((4, 2), np.float32), I8.copy(), IDS, F8),
+    "top/values dtypes": lambda m: m.topk_push(np.zeros((4, 2)), I8.copy(), IDS, I8),
+    "top F order": lambda m: m.topk_push(np.zeros((4, 2), order="F"), I8.copy(), IDS, F8),
+    "top read-only": lambda m: m.topk_push(read_only(np.zeros((4, 2))), I8.copy(), IDS, F8),
+    "fill float": lambda m: m.topk_push(np.zeros((4, 2)), F8.copy(), IDS, F8),
+    "fill read-only": lambda m: m.topk_push(np.zeros((4, 2)), read_only(I8), IDS, F8),
+    "fill strided": lambda m: m.topk_push(np.zeros((4, 2)), np.zeros(8, np.int64)[::2], IDS, F8),
+    "fill > k": lambda m: m.topk_push(np.zeros((4, 2)), np.array([0, 0, 3, 0]), IDS, F8),
+    "fill < 0": lambda m: m.topk_push(np.zeros((4, 2)), np.array([0, -1, 0, 0]), IDS, F8),
+    "top mask short": lambda m: m.topk_push(np.zeros((4, 2)), I8.copy(), IDS, F8, np.ones(3, bool)),
+    "topk_read 1-D": lambda m: m.topk_read(F8, I8, 0),
+    "topk_read float32": lambda m: m.topk_read(np.zeros((4, 2), np.float32), I8, 0),
+    "topk_read fill float": lambda m: m.topk_read(np.zeros((4, 2)), F8, 0),
+    "topk_read key float": lambda m: m.topk_read(np.zeros((4, 2)), I8, 1.5),
+    "topk_read fill > k": lambda m: m.topk_read(np.zeros((4, 2)), np.array([0, 3, 0, 0]), 1),
 }
 
 
@@ -494,13 +690,16 @@ def test_native_entry_points_keep_reference_counts():
     ids, vals, mask = rng.integers(0, 50, 300), rng.normal(size=300), rng.integers(0, 2, 300)
     mask = mask.astype(bool)
     c, s, l, seen = np.zeros(50, np.int64), np.zeros(50), np.zeros(50), np.zeros(50, bool)
-    args = (ids, vals, mask, c, s, l, seen)
+    top, fill = np.zeros((50, 4)), np.zeros(50, np.int64)
+    args = (ids, vals, mask, c, s, l, seen, top, fill)
     before = [sys.getrefcount(a) for a in args]
     for _ in range(200):
         native.fold_count_sum_last(c, s, l, ids, vals, mask)
         native.reduce_max(s, seen, ids, vals, mask)
         native.changed_keys(s, l, ids)
         native.topk(vals, 5, mask)
+        native.topk_push(top, fill, ids, vals, mask)
+        native.topk_read(top, fill, 7)
         with pytest.raises(ValueError):
             native.reduce_count(c[:10], ids)
     assert [sys.getrefcount(a) for a in args] == before
