@@ -8,8 +8,9 @@ into mixed-type frames; columnar batches (``append``) become frames directly. Du
 
 * ``"sync"``: a call returns once an fdatasync covering its actions is done; concurrent
   callers share one fdatasync (leader/follower group commit, no added delay);
-* ``"group"``: the same guarantee, but a committer thread gathers callers for up to
-  ``flush_interval_ms`` before each fdatasync (higher throughput, bounded extra latency);
+* ``"group"``: the same guarantee; single actions from all callers are gathered by a committer
+  thread for up to ``flush_interval_ms`` into one frame and one fdatasync (higher throughput,
+  bounded extra latency); a columnar ``append`` syncs at once, as with "sync";
 * ``"none"``: no fdatasync until ``flush()`` / ``close()``; ``dispatch`` buffers up to
   ``dispatch_buffer_actions`` in memory (a crash loses what is still buffered).
 
