@@ -361,7 +361,8 @@ class Store:
 
     def get(self, key: Any) -> dict[str, Any] | None:
         """Every column's value for one raw key, or None if the key never appeared."""
-        self._check_readable()
+        if self.status is not StoreState.RUNNING or getattr(self, "log", None) is None:
+            self._check_readable()
         try:
             kid = self.log.dicts[self.domain].interner.get(key, -1)
         except (TypeError, OverflowError):
@@ -386,7 +387,7 @@ class Store:
         """Point read from the one shard that owns the key: scalar reads, no temporaries."""
         shard = self.log.shard_of_key(key) if len(self.shards) > 1 else 0
         st = self.shards[shard]
-        ops = self._ops
+        ops = self.__dict__.get("_ops_cache") or self._ops
         out: dict[str, Any] = {}
         with self.locks[shard]:
             inside = kid < st.capacity
@@ -400,10 +401,10 @@ class Store:
                     else:
                         out[c] = self.topk_of(c, kid, kind.k)
                 elif op == "mean":
-                    n = int(st.arrays[c + ".count"][kid]) if inside else 0
-                    out[c] = float(st.arrays[c][kid]) / n if n else float("nan")
-                else:
-                    out[c] = st.arrays[c][kid].item() if inside else self._dtype(c).type(0).item()
+                    n = st.arrays[c + ".count"].item(kid) if inside else 0
+                    out[c] = st.arrays[c].item(kid) / n if n else float("nan")
+                else:  # ndarray.item(i): a Python scalar without a numpy scalar in between
+                    out[c] = st.arrays[c].item(kid) if inside else self._dtype(c).type(0).item()
         return out
 
     @property
