@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from .fsutil import fsync_dir
 from .errors import EngineError, SchemaError
 from .log import Log
 from .state import ShardState, write_json_atomic
@@ -219,19 +220,10 @@ class App:
 
 
 def _fsync_tree(path: str) -> None:
-    for root, dirs, _files in os.walk(path):
-        for d in [root]:
-            fd = os.open(d, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    parent = os.path.dirname(path)
-    fd = os.open(parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """Make a new checkpoint generation's directory entries durable (files are fsync'd)."""
+    for root, _dirs, _files in os.walk(path):
+        fsync_dir(root)
+    fsync_dir(os.path.dirname(path))
 
 
 def replay(path: str, stores: Iterable[Store], *, progress: bool = True,
@@ -251,21 +243,10 @@ def replay(path: str, stores: Iterable[Store], *, progress: bool = True,
     total = sum(log.end_offset(s) - min(st.shards[s].offset for st in stores)
                 for s in range(log.shards)) if stores else 0
     if progress:
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeRemainingColumn)
+        from .progress import progress_bar, ticker
 
-        t0 = time.perf_counter()
-        with Progress(TextColumn("replay"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("{task.fields[rate]}"), TimeRemainingColumn()) as prog:
-            task = prog.add_task("replay", total=total, rate="")
-            done = [0]
-
-            def tick(n: int) -> None:
-                done[0] += n
-                prog.update(task, completed=done[0],
-                            rate=f"{done[0] / max(1e-9, time.perf_counter() - t0) / 1e6:.1f}M actions/s")
-
-            app.fold(progress=tick)
+        with progress_bar() as prog:
+            app.fold(progress=ticker(prog, "replay", total))
     else:
         app.fold()
     app.checkpoint()

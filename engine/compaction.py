@@ -36,7 +36,8 @@ from .frame import (
     take_rows,
     write_frame,
 )
-from .segment import _SEG_HEADER, SEG_HEADER_BYTES, SEG_MAGIC, SEG_VERSION, Segment, SegmentState, _fsync_dir
+from .fsutil import fsync_dir
+from .segment import _SEG_HEADER, SEG_HEADER_BYTES, SEG_MAGIC, SEG_VERSION, Segment, SegmentState
 
 _codec = load("codec")
 
@@ -164,9 +165,9 @@ def _rewrite(seg: Segment, plan: list) -> Segment:
     directory = os.path.dirname(seg.path)
     if os.path.exists(seg.idx_path):
         os.unlink(seg.idx_path)  # from here until the new index exists, open() rescans
-    _fsync_dir(directory)
+    fsync_dir(directory)
     os.replace(tmp, seg.path)
-    _fsync_dir(directory)
+    fsync_dir(directory)
     report: list[str] = []
     new = Segment.open(seg.path, seg.shard, True, False, report)  # scans, verifies, seals
     return new

@@ -15,13 +15,14 @@ import time
 
 import numpy as np
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import Progress
 from rich.table import Table
 
 from . import reducers as r
 from . import schema as sc
 from .app import App
 from .log import Log
+from .progress import progress_bar, ticker
 from .store import Store
 from .workload import photo_app
 
@@ -55,22 +56,15 @@ def stores() -> list[Store]:
     ]
 
 
-def _progress(con: Console) -> Progress:
-    return Progress(TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=con)
-
-
 def _append(log: Log, chunks: list, batch: int, prog: Progress) -> int:
     total = sum(len(next(iter(c.values()))) for _, c in chunks)
-    task = prog.add_task("append", total=total, rate="")
-    t, done = time.perf_counter(), 0
+    tick = ticker(prog, "append", total)
     for name, cols in chunks:
         n = len(next(iter(cols.values())))
         for lo in range(0, n, batch):
             hi = min(n, lo + batch)
             log.append(name, {f: v[lo:hi] for f, v in cols.items()})
-            done += hi - lo
-            prog.update(task, completed=done, rate=f"{done / (time.perf_counter() - t) / 1e6:.1f}M/s")
+            tick(hi - lo)
     log.flush()
     return total
 
@@ -88,21 +82,13 @@ def run_demo(args: argparse.Namespace) -> int:
         total = sum(len(next(iter(c.values()))) for _, c in chunks)
         timings.append(("generate workload", total, time.perf_counter() - t))
         log = Log(data_dir, TYPES, shards=args.shards, durability=args.durability)
-        with _progress(con) as prog:
+        with progress_bar(con) as prog:
             t = time.perf_counter()
             _append(log, chunks, args.batch, prog)
             timings.append((f"append ({args.durability})", total, time.perf_counter() - t))
             app = App(log, stores(), checkpoint_every_actions=None, checkpoint_every_s=None)
-            task = prog.add_task("fold", total=total, rate="")
             t0 = time.perf_counter()
-            done = [0]
-
-            def tick(n: int) -> None:
-                done[0] += n
-                prog.update(task, completed=done[0],
-                            rate=f"{done[0] / (time.perf_counter() - t0) / 1e6:.1f}M/s")
-
-            app.fold(progress=tick)
+            app.fold(progress=ticker(prog, "fold", total))
             timings.append(("fold into 6 stores", total, time.perf_counter() - t0))
         t = time.perf_counter()
         app.checkpoint()

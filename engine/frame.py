@@ -354,7 +354,7 @@ class Batch:
             names.append(f)
             if isinstance(v, Var):
                 ftype = at.fields[f]
-                is_str = ftype.kind == "string" or (ftype.is_key and ftype.kind != "bytes")
+                is_str = ftype.kind == "string"  # key fields are int64 ids, never Var
                 base = int(v.offsets[0]) if len(v.offsets) else 0
                 offs = v.offsets if base == 0 else (v.offsets - base).astype(np.int32)
                 data = v.data[base:] if base else v.data

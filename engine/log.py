@@ -33,8 +33,9 @@ import numpy as np
 
 from ._impl import load
 from .errors import ClosedError, IncompatibleSchemaError, LimitExceededError, LogError, ReadOnlyError
+from .fsutil import write_atomic
 from .frame import KIND_TYPES, TYPE_COLUMN_FIELD, Batch, ColumnSpec, Var, kind_of, take_rows
-from .keys import KeyDictionary, var_to_strs
+from .keys import KeyDictionary
 from .limits import DEFAULT_LIMITS, Limits
 from .schema import ActionType, Schema, VarColumn
 from .shardlog import ShardLog
@@ -47,20 +48,6 @@ _dispatch = load("dispatch")
 
 Durability = Literal["sync", "group", "none"]
 FORMAT_VERSION = 1
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Log:
@@ -111,7 +98,7 @@ class Log:
             self._committer = threading.Thread(target=self._commit_loop, name="engine-commit", daemon=True)
             self._committer.start()
         self._async_waiters: list[tuple[int, asyncio.Future]] = []
-        self._fast: dict[str, Any] = {}  # type name -> native dispatcher (dispatch_async)
+        self._fast: dict[str, Any] = {}  # type name -> (native validator or None, field names)
         self._async_scheduled = False
 
     # -- metadata --------------------------------------------------------------------------
@@ -145,7 +132,7 @@ class Log:
                 stored = Schema.from_json(f.read())
             self.schema = stored if declared is None else Schema.merge(stored, declared)
             if not self.readonly and self.schema.to_json() != stored.to_json():
-                _write_atomic(schema_path, self.schema.to_json())
+                write_atomic(schema_path, self.schema.to_json())
         else:
             if declared is None:
                 raise ValueError("a new data directory needs its action types: open(path, types=[...])")
@@ -155,8 +142,8 @@ class Log:
             self.meta = {"format": FORMAT_VERSION, "shards": n,
                          "segment_bytes": self.limits.segment_bytes}
             self.schema = Schema.merge(Schema([]), declared) if hasattr(Schema, "merge") else declared
-            _write_atomic(schema_path, self.schema.to_json())
-            _write_atomic(meta_path, json.dumps(self.meta, indent=1, sort_keys=True))
+            write_atomic(schema_path, self.schema.to_json())
+            write_atomic(meta_path, json.dumps(self.meta, indent=1, sort_keys=True))
         self.shards = int(self.meta["shards"])
 
     # -- routing ---------------------------------------------------------------------------
@@ -257,17 +244,40 @@ class Log:
         once the action is durable; with "none" it is buffered (see ``flush``).
         """
         self._check_writable()
+        offset = self._buffer(type_name, fields)
+        if self.durability == "none":
+            if self._rowbuf.total >= self.limits.dispatch_buffer_actions:
+                with self._lock:
+                    self._flush_pending_locked()
+            return offset
+        self._make_durable()
+        return offset
+
+    def _buffer(self, type_name: str, fields: Mapping[str, Any]) -> int:
+        """Validate one action and add it to its shard's buffer; returns its offset.
+
+        Complete keyword arguments go through the native validator; anything else (defaults,
+        missing or extra fields, types whose strings could outgrow a frame) through the schema.
+        """
+        fast = self._fast.get(type_name)
+        if fast is None:
+            at = self.schema[type_name]
+            native = None if _row_may_outgrow_frame(at, self.limits) else self._native_dispatcher(type_name)
+            fast = self._fast[type_name] = (native, at.field_names)
+        d, names = fast
+        if d is not None and len(fields) == len(names):
+            try:
+                values = [fields[f] for f in names]
+            except KeyError:
+                values = None
+            if values is not None:
+                with self._lock:
+                    return d(*values)
         at = self.schema[type_name]
         row = at.validate_one(fields, self.limits)
         _check_row_bytes(at, row, 1, self.limits)
         with self._lock:
-            offset = self._rowbuf.add_offset(self.schema.type_id(type_name), row)
-            if self.durability == "none":
-                if self._rowbuf.total >= self.limits.dispatch_buffer_actions:
-                    self._flush_pending_locked()
-                return offset
-        self._make_durable()
-        return offset
+            return self._rowbuf.add_offset(self.schema.type_id(type_name), row)
 
     def dispatcher(self, type_name: str) -> Callable[..., int]:
         """A fast callable for one action type: ``d(*values)`` → offset, values in field order.
@@ -307,22 +317,10 @@ class Log:
         """Append one action; resolves once it is durable (all producers share fdatasyncs)."""
         if self._closed or self.readonly:
             self._check_writable()
-        fast = self._fast.get(type_name)
-        if fast is None:
-            fast = self._fast[type_name] = (self._native_dispatcher(type_name),
-                                            self.schema[type_name].field_names)
-        d, names = fast
-        values = [fields[f] for f in names] if len(fields) == len(names) and all(
-            f in fields for f in names) else None
+        offset = self._buffer(type_name, fields)
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        with self._lock:
-            if values is not None:
-                offset = d(*values)  # validated natively (or by the schema's fallback)
-            else:
-                row = self.schema[type_name].validate_one(fields, self.limits)
-                offset = self._rowbuf.add_offset(self.schema.type_id(type_name), row)
-            self._async_waiters.append((offset, fut))
+        self._async_waiters.append((offset, fut))  # no await since the add: same commit group
         if not self._async_scheduled:
             self._async_scheduled = True
             loop.call_soon(lambda: asyncio.ensure_future(self._async_commit(loop)))
@@ -576,7 +574,7 @@ def _slice(v: Any, lo: int, hi: int) -> Any:
 def _frame_cuts(at: ActionType, cols: Mapping[str, Any], n: int, limits: Limits) -> list[tuple[int, int]]:
     """Row ranges so that each frame stays under the frame byte and action limits."""
     fixed = sum(v.itemsize for v in cols.values() if not isinstance(v, VarColumn))
-    budget = limits.frame_bytes_max - 64 * (2 * len(cols) + 4)
+    budget = _frame_budget(at, limits)
     var = [v for v in cols.values() if isinstance(v, VarColumn)]
     step = limits.frame_actions_max
     if not var:
@@ -599,17 +597,22 @@ def _frame_cuts(at: ActionType, cols: Mapping[str, Any], n: int, limits: Limits)
     return cuts
 
 
-def _row_bytes_max(at: ActionType, limits: Limits) -> int:
-    """Largest possible encoded size of one action (fixed widths + longest strings)."""
+def _frame_budget(at: ActionType, limits: Limits) -> int:
+    """Bytes of one frame left for one action type's values (descriptors and padding off)."""
+    return limits.frame_bytes_max - 64 * (2 * len(at.fields) + 4)
+
+
+def _row_may_outgrow_frame(at: ActionType, limits: Limits) -> bool:
+    """Can one valid action (longest strings allowed) be larger than a frame?"""
     n_var = sum(1 for ft in at.fields.values() if ft.is_var and not ft.is_key)
-    return 8 * len(at.fields) + (4 + limits.string_bytes_max) * n_var
+    return 8 * len(at.fields) + (4 + limits.string_bytes_max) * n_var > _frame_budget(at, limits)
 
 
 def _check_row_bytes(at: ActionType, cols: Any, n: int, limits: Limits) -> None:
     """Raise LimitExceededError if one action cannot fit in a frame (validated input)."""
-    budget = limits.frame_bytes_max - 64 * (2 * len(at.fields) + 4)
-    if _row_bytes_max(at, limits) <= budget:
+    if not _row_may_outgrow_frame(at, limits):
         return  # the common case: no action can be too large
+    budget = _frame_budget(at, limits)
     fixed = 8 * len(at.fields)
     if isinstance(cols, tuple):  # one validated row
         sizes = {f: len(v.encode() if isinstance(v, str) else v)
@@ -657,4 +660,4 @@ def _row_spec(schema: Schema, at: ActionType) -> tuple[int, list[str], int]:
     return schema.type_id(at.name), kinds, at.field_index(at.partition)
 
 
-__all__ = ["Log", "Durability", "var_to_strs"]
+__all__ = ["Log", "Durability"]

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from ._impl import load
+from .fsutil import fsync_dir
 from .errors import CorruptLogError, DiskFullError, LogError
 from .frame import ALIGN, FRAME_MAGIC, HEADER_BYTES, read_header
 
@@ -139,7 +140,7 @@ class Segment:
                            "was changed behind the engine's back", path=self.path, shard=self.shard)
         os.rename(tmp, self.path)
         self._tmp = None
-        _fsync_dir(os.path.dirname(self.path))
+        fsync_dir(os.path.dirname(self.path))
 
     def discard(self) -> None:
         """Close and remove a prepared, unpublished segment."""
@@ -311,7 +312,7 @@ class Segment:
                                     offset=self.next_offset) from exc
             raise
         os.replace(tmp, self.idx_path)
-        _fsync_dir(os.path.dirname(self.path))
+        fsync_dir(os.path.dirname(self.path))
         if self.state is SegmentState.OPEN:
             self.transition(SegmentState.SEALED)
 
@@ -364,14 +365,6 @@ def _preallocate(fd: int, size: int, path: str, shard: int, base: int) -> None:
             raise DiskFullError("no space to preallocate a new segment; free space and retry",
                                 path=path, shard=shard, offset=base) from exc
         raise
-
-
-def _fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 assert HEADER_BYTES == 64 and SEG_HEADER_BYTES % ALIGN == 0

@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 
 from ._impl import load
+from .fsutil import write_atomic
+from .reducers import MultiMapColumn, Ring, TopK
 
 _mm = load("multimap")
 
@@ -143,7 +145,7 @@ class ColumnView:
 
 
 def _is_topk(kind: Any) -> bool:
-    return type(kind).__name__ == "TopK"
+    return isinstance(kind, TopK)
 
 
 def _is_rows(kind: Any) -> bool:
@@ -155,11 +157,11 @@ def _is_view(kind: Any) -> bool:
 
 
 def _is_ring(kind: Any) -> bool:
-    return type(kind).__name__ == "Ring"
+    return isinstance(kind, Ring)
 
 
 def _is_multimap(kind: Any) -> bool:
-    return type(kind).__name__ == "MultiMapColumn"
+    return isinstance(kind, MultiMapColumn)
 
 
 def _write_file(path: str, arr: np.ndarray) -> None:
@@ -170,14 +172,4 @@ def _write_file(path: str, arr: np.ndarray) -> None:
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(os.path.dirname(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_atomic(path, json.dumps(obj, indent=1, sort_keys=True))
