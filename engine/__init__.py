@@ -31,7 +31,10 @@ from .errors import (
     ValidationError,
 )
 from . import reducers
-from .app import App, replay
+from .app import App, Receipt, replay
+from .derive import CycleError, Derivation, DerivationInput, StoreView, derived
+from .rebuild import Rebuild, StoreDiff
+from .subscribe import Change, Changes, Subscription, SubscriptionError
 from .frame import Batch
 from .limits import DEFAULT_LIMITS, Limits
 from .log import Durability, Log
@@ -84,6 +87,8 @@ def open(  # noqa: A001 - the natural name, as in io.open / sqlite3.connect
 
 __all__ = [
     "open", "Log", "Batch", "App", "Store", "replay", "reducers", "ring", "multimap", "topk",
+    "Receipt", "Derivation", "DerivationInput", "StoreView", "derived", "CycleError", "Rebuild",
+    "StoreDiff", "Change", "Changes", "Subscription", "SubscriptionError",
     "StoreFailedError", "ActionType", "Schema", "Limits", "DEFAULT_LIMITS", "Durability",
     "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float32",
     "float64", "bool_", "timestamp", "string", "bytes_", "key",

@@ -18,7 +18,10 @@ Contract shared with the native module, row by row as a plain loop would do it:
 - ``topk_push``: ``top[k, :fill[k]]`` holds key k's largest values, largest first. A value is
   inserted after every value that is not smaller than it (ties keep arrival order, -0.0 and
   0.0 are equal); when the key is full it goes in only if larger than the smallest kept, which
-  drops out. NaN is never inserted. Slots from ``fill[k]`` on are never read.
+  drops out. NaN is never inserted. Slots from ``fill[k]`` on are never read;
+- ``watch_diff`` / ``watched_unique``: any id >= 0 is valid (ids past ``watched`` are not
+  watched, ids past ``state`` read as value 0); a negative id is a ValueError raised before
+  anything is written. Values compare as in ``changed_keys`` (NaN == NaN, -0.0 == 0.0).
 
 This module is the test oracle first: it is vectorised numpy, not a Python loop, so it is also
 a usable fallback (``ENGINE_NO_EXTENSIONS=1``). The argument checks here are imported by the
@@ -35,7 +38,7 @@ import numpy as np
 __all__ = [
     "reduce_count", "reduce_sum", "reduce_min", "reduce_max", "reduce_first", "reduce_last",
     "fold_count_sum_last", "fold_count_sum_last_rows", "ring_push", "ring_read",
-    "changed_keys", "topk", "topk_push", "topk_read",
+    "changed_keys", "watch_diff", "watched_unique", "topk", "topk_push", "topk_read",
 ]  # fmt: skip
 
 _INT64 = np.dtype(np.int64)
@@ -444,6 +447,102 @@ def topk(values: Any, k: int, mask: Any = None) -> np.ndarray:
         near = rank <= kth
         ids, rank = ids[near], rank[near]
     return ids[np.lexsort((ids, rank))][:k]
+
+
+# ---- subscriptions: watched keys ---------------------------------------------------------------
+
+
+def _negative_error(ids: np.ndarray, row: int) -> ValueError:
+    return ValueError(
+        f"ids[{row}] = {ids[row]} is negative: key ids are >= 0 (ids past watched or state are "
+        f"fine); nothing was written"
+    )
+
+
+def _check_negative(ids: np.ndarray) -> None:
+    row = _first_bad_row(ids, None, 1 << 63)  # as uint64, only negative ids reach 2**63
+    if row >= 0:
+        raise _negative_error(ids, row)
+
+
+def _watch_ids(ids: Any, watched: Any) -> tuple[np.ndarray, np.ndarray]:
+    """int64 ids and the watched mask as a uint8 view (bool is viewed, not copied)."""
+    i = _key_ids(ids, "ids")
+    w = _vector(watched, "watched")
+    if w.dtype not in (_BOOL, _UINT8):
+        if w.shape[0] != 0:
+            raise TypeError(f"watched must be a bool or uint8 array, got dtype {w.dtype}")
+        w = np.empty(0, dtype=_UINT8)
+    return i, w.view(_UINT8)
+
+
+def _watch_args(ids: Any, watched: Any, state: Any, shadow: Any, out_ids: Any, out_old: Any,
+                out_new: Any) -> tuple[np.ndarray, ...]:
+    i, w = _watch_ids(ids, watched)
+    s = _vector(state, "state")
+    if s.dtype not in _VALUE_DTYPES:
+        raise TypeError(f"state must be int64 or float64, got dtype {s.dtype}")
+    sh = _out(shadow, "shadow", _VALUE_DTYPES)
+    oi = _out(out_ids, "out_ids", (_INT64,))
+    oo = _out(out_old, "out_old", _VALUE_DTYPES)
+    on = _out(out_new, "out_new", _VALUE_DTYPES)
+    for name, a in (("shadow", sh), ("out_old", oo), ("out_new", on)):
+        if a.dtype != s.dtype:
+            raise TypeError(f"{name} has dtype {a.dtype} but state has {s.dtype}: shadow, "
+                            f"out_old and out_new take the state's dtype")
+    if sh.shape[0] < w.shape[0]:
+        raise ValueError(f"shadow has {sh.shape[0]} keys but watched has {w.shape[0]}: every "
+                         f"watchable key needs a shadow value (len(shadow) >= len(watched))")
+    for name, a in (("out_ids", oi), ("out_old", oo), ("out_new", on)):
+        if a.shape[0] < i.shape[0]:
+            raise ValueError(f"{name} has {a.shape[0]} entries but ids has {i.shape[0]}: size "
+                             f"out_ids, out_old and out_new to at least len(ids)")
+    return i, w, s, sh, oi, oo, on
+
+
+def _first_watched(ids: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """The distinct watched ids in first-appearance order (ids already >= 0)."""
+    cand = ids[ids < w.shape[0]]
+    cand = cand[w[cand] != 0]
+    _, first = np.unique(cand, return_index=True)
+    return cand[np.sort(first)]
+
+
+def watch_diff(ids: Any, watched: Any, state: Any, shadow: np.ndarray, out_ids: np.ndarray,
+               out_old: np.ndarray, out_new: np.ndarray) -> int:
+    """Report and absorb the changes of the watched keys among ``ids``; returns their count j.
+
+    Row by row: a key ``k`` is watched iff ``k < len(watched)`` and ``watched[k] != 0``; its
+    value is ``state[k]``, or 0 when ``k >= len(state)``. When that differs from ``shadow[k]``
+    (as in ``changed_keys``: NaN == NaN, -0.0 == 0.0), ``(k, shadow[k], value)`` goes to
+    ``out_ids[j], out_old[j], out_new[j]``, then ``shadow[k] = value`` and ``j += 1``; so a key
+    is reported at most once, in first-appearance order. ``shadow`` (``len >= len(watched)``)
+    and the outputs (``len >= len(ids)``) are writeable, C-contiguous and of the state's dtype
+    (``out_ids``: int64); entries from ``j`` on are left alone.
+    """
+    i, w, s, sh, oi, oo, on = _watch_args(ids, watched, state, shadow, out_ids, out_old, out_new)
+    _check_negative(i)
+    keys = _first_watched(i, w)
+    new = np.zeros(keys.shape[0], dtype=s.dtype)
+    inside = keys < s.shape[0]
+    new[inside] = s[keys[inside]]
+    old = sh[keys]
+    diff = old != new
+    if s.dtype == _FLOAT64:
+        diff &= ~(np.isnan(old) & np.isnan(new))
+    keys, old, new = keys[diff], old[diff], new[diff]
+    j = keys.shape[0]
+    oi[:j], oo[:j], on[:j] = keys, old, new
+    sh[keys] = new
+    return j
+
+
+def watched_unique(ids: Any, watched: Any) -> np.ndarray:
+    """The distinct ids among ``ids`` that are watched (``k < len(watched)`` and
+    ``watched[k] != 0``), in first-appearance order; a negative id is a ValueError."""
+    i, w = _watch_ids(ids, watched)
+    _check_negative(i)
+    return _first_watched(i, w)
 
 
 # ---- per-key top k -----------------------------------------------------------------------------

@@ -11,54 +11,111 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from . import clock
 from .fsutil import fsync_dir
 from .errors import EngineError, SchemaError
 from .log import Log
 from .state import ShardState, write_json_atomic
+from .derive import CycleError, Derivation, Graph, StoreView
 from .store import Store, StoreFailedError, StoreState
+from .subscribe import Hub, Subscription, SubscriptionError
 
 MANIFEST = "MANIFEST.json"
+
+
+class Receipt(dict):
+    """Where dispatched actions landed: ``{shard: offset of the last one}``. Pass it to
+    :meth:`App.wait` to read your own writes."""
+
+    def __repr__(self) -> str:
+        return f"Receipt({dict.__repr__(self)})"
 
 
 class App:
     """Stores over a log. ``App(log, [store, ...])`` recovers each store from its checkpoint."""
 
-    def __init__(self, log: Log, stores: Iterable[Store] = (), *,
+    def __init__(self, log: Log, stores: Iterable[Store] = (), derivations: Iterable[Derivation] = (), *,
                  checkpoint_every_actions: int | None = 5_000_000,
                  checkpoint_every_s: float | None = 60.0):
         self.log = log
         self.stores: dict[str, Store] = {}
+        self.derivations: dict[str, Derivation] = {}
+        self.hub = Hub(self)
+        self._fold_lock = threading.RLock()  # one fold (round) at a time; rebuild switches take it
+        self._progress = threading.Condition()  # notified after every applied batch
+        self._wake = threading.Event()
+        self._runner: threading.Thread | None = None
+        self._stopping = False
+        self.rebuilds: dict[str, Any] = {}
         self.checkpoint_every_actions = checkpoint_every_actions
         self.checkpoint_every_s = checkpoint_every_s
         self._since_ckpt = 0
-        self._last_ckpt = time.monotonic()
+        self._last_ckpt = clock.monotonic()
         self._pool = ThreadPoolExecutor(max_workers=log.shards, thread_name_prefix="engine-fold") \
             if log.shards > 1 else None
         for s in stores:
             self.register(s)
+        for d in derivations:
+            self.register(d)
 
     # -- registration and recovery ---------------------------------------------------------
     def store_dir(self, store: Store) -> str:
         return os.path.join(self.log.path, "stores", store.name, f"v{store.version}")
 
-    def register(self, store: Store) -> Store:
-        """Add a store; it is recovered from its checkpoint (or starts empty) and bound."""
+    def register(self, item: Any) -> Any:
+        """Add a store or a derivation; it is recovered from its checkpoint (or starts empty).
+
+        Raises CycleError when the stores and derivations would no longer form a DAG."""
+        if isinstance(item, Derivation):
+            return self._register_derivation(item)
+        store = item
         if store.name in self.stores:
             raise SchemaError(f"a store named {store.name!r} is already registered")
+        self._check_acyclic({**self.stores, store.name: store}, self.derivations)
         store.bind(self.log.schema, self.log.shards)
         store.log = self.log
         self._recover(store)
         self.stores[store.name] = store
         return store
 
+    def _register_derivation(self, d: Derivation) -> Derivation:
+        if d.name in self.derivations:
+            raise SchemaError(f"a derivation named {d.name!r} is already registered")
+        for other in self.derivations.values():
+            if other.emits == d.emits:
+                raise SchemaError(f"action type {d.emits!r} is already emitted by derivation "
+                                  f"{other.name!r}; each derived type has one derivation")
+        for r in d.reads:
+            if r not in self.stores:
+                raise SchemaError(f"derivation {d.name!r} reads store {r!r}, which is not "
+                                  f"registered (register stores first); stores: {sorted(self.stores)}")
+        if self.log.readonly:
+            raise SchemaError("derivations append to the log: open it writable")
+        self._check_acyclic(self.stores, {**self.derivations, d.name: d})
+        d.bind(self.log)
+        d.recover(self.log)
+        self.derivations[d.name] = d
+        return d
+
+    @staticmethod
+    def _check_acyclic(stores: Mapping[str, Store], derivations: Mapping[str, Derivation]) -> None:
+        cycle = Graph.of(stores, derivations).find_cycle()
+        if cycle:
+            raise CycleError("stores and derivations must form a DAG; this makes a cycle: "
+                             + " -> ".join(cycle))
+
     def _recover(self, store: Store) -> None:
         d = self.store_dir(store)
+        from .rebuild import finish_switch
+
+        finish_switch(os.path.dirname(d), store.version)  # a switch a crash interrupted
         man_path = os.path.join(d, MANIFEST)
         if os.path.exists(man_path):
             import json
@@ -89,7 +146,12 @@ class App:
 
     # -- folding ---------------------------------------------------------------------------
     def fold(self, progress: Callable[[int], None] | None = None) -> int:
-        """Fold every shard up to its current end into every store; returns actions folded."""
+        """Fold every shard up to its current end into every store and derivation (one round:
+        actions derived now are folded by the next); returns actions read."""
+        with self._fold_lock:
+            return self._fold(progress)
+
+    def _fold(self, progress: Callable[[int], None] | None) -> int:
         if self.log.readonly:
             self.log.refresh()
         elif self.log._pending_n:
@@ -110,19 +172,212 @@ class App:
 
     def _fold_shard(self, shard: int, progress: Callable[[int], None] | None) -> int:
         live = [s for s in self.stores.values() if s.status is StoreState.RUNNING]
-        if not live:
+        derivs = [d for d in self.derivations.values() if d.error is None]
+        if not live and not derivs:
             return 0
-        start = min(s.shards[shard].offset for s in live)
+        start = min([s.shards[shard].offset for s in live] + [d.offsets[shard] for d in derivs])
         end = self.log.end_offset(shard)
+        if start >= end:
+            return 0
         dicts = {s.domain: self.log.dicts[s.domain] for s in live}
+        views = {name: StoreView(st) for name, st in self.stores.items()} if derivs else {}
+        hub = self.hub
         n = 0
         for batch in self.log.shard_logs[shard].read(start, end):
             for store in live:
-                store.apply(shard, batch, len(dicts[store.domain]))
+                done = store.apply(shard, batch, len(dicts[store.domain]))
+                if done is not None and store.name in hub.active:
+                    hub.after_batch(store, shard, done)
+            for d in derivs:
+                d.run(self.log, shard, batch, views)
             n += batch.end_offset - batch.first_offset
+            with self._progress:
+                self._progress.notify_all()
             if progress is not None:
                 progress(batch.end_offset - batch.first_offset)
         return n
+
+    def settle(self, timeout: float | None = None) -> int:
+        """Fold until quiescent: every store and derivation has caught up with the log,
+        derived actions included. Returns actions read."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        total = 0
+        with self._fold_lock:
+            while True:
+                n = self._fold(None)
+                total += n
+                if n == 0 and not self.log._pending_n:
+                    return total
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"settle: still folding after {timeout} s")
+
+    # -- writing with receipts and reading your own writes --------------------------------
+    def dispatch(self, type_name: str, /, **fields: Any) -> Receipt:
+        """``log.dispatch`` that returns a :class:`Receipt` and wakes the runtime."""
+        off = self.log.dispatch(type_name, **fields)
+        shard = 0 if self.log.shards == 1 else self.log.shard_of(
+            type_name, fields[self.log.schema[type_name].partition])
+        self._wake.set()
+        return Receipt({shard: off})
+
+    def append(self, type_name: str, columns: Any) -> Receipt:
+        """``log.append`` that returns a :class:`Receipt` and wakes the runtime."""
+        out = self.log.append(type_name, columns)
+        self._wake.set()
+        return Receipt({s: r.stop - 1 for s, r in out.items()})
+
+    def applied(self, receipt: Mapping[int, int], store: str | None = None) -> bool:
+        """Has ``store`` (default: every store and derivation) applied the receipt's actions?"""
+        consumers = self._consumers(store)
+        return all(c.shards[s].offset > off if isinstance(c, Store) else c.offsets[s] > off
+                   for s, off in receipt.items() for c in consumers)
+
+    def _consumers(self, store: str | None) -> list[Any]:
+        if store is not None:
+            st = self[store]
+            if st.status is StoreState.FAILED:
+                st._check_readable()
+            return [st]
+        return ([s for s in self.stores.values() if s.status is StoreState.RUNNING]
+                + [d for d in self.derivations.values() if d.error is None])
+
+    def wait(self, receipt: Mapping[int, int], store: str | None = None,
+             timeout: float | None = None) -> None:
+        """Block until ``store`` has applied the receipt's actions — or, with no store, until
+        the whole DAG has: every store and derivation, and everything derived from them.
+
+        With the runtime started (:meth:`start`) this waits for it; otherwise it folds here.
+        Raises TimeoutError after ``timeout`` seconds, StoreFailedError if the store failed."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pending = [dict(receipt)]
+        while pending:
+            rec = pending.pop()
+            while not self.applied(rec, store):
+                if self._runner is None:
+                    self.fold()
+                    continue
+                self._wake.set()
+                with self._progress:
+                    if self.applied(rec, store):
+                        break
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        raise TimeoutError(f"wait: {rec} not applied after {timeout} s")
+                    self._progress.wait(0.05 if left is None else min(left, 0.05))
+            if store is None:
+                for d in self.derivations.values():  # then what was derived from them
+                    for s, off in rec.items():
+                        ends = d.targets_after(s, off, self.log)
+                        derived = {t: e - 1 for t, e in enumerate(ends) if e > 0}
+                        if derived and not self.applied(derived):
+                            pending.append(derived)
+
+    # -- the live runtime -------------------------------------------------------------------
+    def start(self) -> "App":
+        """Fold continuously in a background thread, woken by every write to the log."""
+        if self._runner is not None:
+            return self
+        if self.log.readonly:
+            raise SchemaError("the live runtime needs a writable log (readonly: call fold())")
+        self._stopping = False
+        self.log.add_listener(self._wake.set)
+        self._runner = threading.Thread(target=self._run, name="engine-runtime", daemon=True)
+        self._runner.start()
+        return self
+
+    def _run(self) -> None:
+        interval = self.log.limits.flush_interval_ms / 1000
+        while not self._stopping:
+            self._wake.wait(interval)
+            self._wake.clear()
+            if self._stopping or self.log._closed:
+                break
+            try:
+                with self._fold_lock:
+                    while self._fold(None):
+                        pass
+            except Exception as exc:  # noqa: BLE001 - kept for status(); the loop stops
+                self.runtime_error = exc
+                break
+
+    def stop(self) -> None:
+        """Stop the background runtime (after its current round)."""
+        if self._runner is None:
+            return
+        self._stopping = True
+        self._wake.set()
+        self._runner.join()
+        self._runner = None
+        self.log.remove_listener(self._wake.set)
+
+    # -- subscriptions ----------------------------------------------------------------------
+    def subscribe(self, store: str, *, key: Any = None, keys: Any = None, column: str | None = None,
+                  top: int | None = None, query: Callable[[Store], Any] | None = None,
+                  callback: Callable[[Any], Any] | None = None, maxsize: int = 64,
+                  deliver: str = "thread") -> Subscription:
+        """Be told when an answer of ``store`` changes.
+
+        One of: ``key=k, column=c`` (a :class:`Change` per change), ``keys=[...], column=c``
+        (:class:`Changes`, arrays, batched per fold batch), ``top=k, column=c`` (the top-k as
+        [(key, value)]), or ``query=fn`` (``fn(store)``'s answer). Notifications go to
+        ``callback`` (on the subscription's own thread, or ``deliver="inline"`` in the folding
+        thread), or iterate the subscription (``for`` / ``async for`` / ``next``). At most
+        ``maxsize`` notifications wait; beyond that they are conflated to the latest answers.
+        """
+        st = self[store]
+        st._check_readable()
+        given = [x is not None for x in (key, keys, top, query)]
+        if sum(given) != 1:
+            raise SubscriptionError("subscribe to exactly one of key=, keys=, top= or query=")
+        if key is not None or keys is not None:
+            if column is None:
+                scalars = [c for c in st.user_columns if c in st._ops]
+                if len(scalars) != 1:
+                    raise SubscriptionError(f"store {store!r} has columns {sorted(st.user_columns)}: "
+                                            "name one with column=")
+                column = scalars[0]
+            raw = [key] if key is not None else list(keys)
+            ids = self._intern_for_watch(st, raw)
+            sub = Subscription(self.hub, store, "keys", column=column, ids=ids,
+                               single=key, callback=callback, maxsize=maxsize, deliver=deliver)
+            self.hub.add_keys(sub, st)
+        else:
+            if top is not None:
+                if column is None:
+                    raise SubscriptionError("top= needs column=")
+                k, col = int(top), column
+                query = lambda s: s.top_k(col, k)  # noqa: E731
+                kind = f"top{k}:{col}"
+            else:
+                kind = "query"
+            sub = Subscription(self.hub, store, kind, query=query, callback=callback,
+                               maxsize=maxsize, deliver=deliver)
+            self.hub.add_query(sub, st)
+        sub._start()
+        return sub
+
+    def _intern_for_watch(self, st: Store, raw: list[Any]) -> np.ndarray:
+        d = self.log.dicts[st.domain]
+        if self.log.readonly:
+            ids = st.key_ids(raw)
+            if (ids < 0).any():
+                raise SubscriptionError(f"keys never seen in a read-only log: {np.asarray(raw)[ids < 0][:5]}")
+            return ids
+        with self.log._lock:  # a key not seen yet gets its id now: it is watched from the start
+            ids = d.intern(list(raw)) if d.kind == "str" else d.intern(np.asarray(raw, np.int64))
+        return np.asarray(ids, np.int64)
+
+    def rebuild(self, store: Store, *, compare: bool = True, switch: bool = True,
+                progress: bool = False, checkpoint_every_actions: int = 5_000_000) -> Any:
+        """Blue/green: fold ``store`` (same name, new version) from the log in the background
+        while the serving version answers; then switch atomically. See :class:`Rebuild`."""
+        from .rebuild import Rebuild
+
+        r = Rebuild(self, store, compare=compare, switch=switch, progress=progress,
+                    checkpoint_every_actions=checkpoint_every_actions)
+        self.rebuilds[store.name] = r
+        r.start()
+        return r
 
     def _record_failure(self, store: Store) -> None:
         """Make a FAILED store visible to other processes (``python -m engine inspect``)."""
@@ -165,16 +420,22 @@ class App:
         if self.checkpoint_every_actions is not None and self._since_ckpt >= self.checkpoint_every_actions:
             return True
         return (self.checkpoint_every_s is not None and self._since_ckpt > 0
-                and time.monotonic() - self._last_ckpt >= self.checkpoint_every_s)
+                and clock.monotonic() - self._last_ckpt >= self.checkpoint_every_s)
 
     # -- checkpoints -----------------------------------------------------------------------
     def checkpoint(self) -> None:
-        """Write every running store's state, then its manifest (atomically)."""
-        for store in self.stores.values():
-            if store.status is StoreState.RUNNING:
-                self._checkpoint_store(store)
+        """Write every running store's state, then its manifest (atomically), and every
+        derivation's cursors (after making the log durable: what they derived is on disk)."""
+        with self._fold_lock:
+            for store in self.stores.values():
+                if store.status is StoreState.RUNNING:
+                    self._checkpoint_store(store)
+            if self.derivations and not self.log.readonly:
+                self.log.flush()
+                for d in self.derivations.values():
+                    d.save(self.log)
         self._since_ckpt = 0
-        self._last_ckpt = time.monotonic()
+        self._last_ckpt = clock.monotonic()
 
     def _checkpoint_store(self, store: Store) -> None:
         d = self.store_dir(store)
@@ -196,7 +457,13 @@ class App:
             shutil.rmtree(os.path.join(d, prev), ignore_errors=True)
 
     def close(self) -> None:
-        """Fold what is left, checkpoint, and close the stores (not the log)."""
+        """Stop the runtime and rebuilds, fold what is left, checkpoint, and close the stores
+        and subscriptions (not the log)."""
+        self.stop()
+        for r in list(self.rebuilds.values()):
+            r.cancel()
+        for sub in self.hub.all():
+            sub.close()
         if not self.log._closed:
             self.fold()
             self.checkpoint()
@@ -208,9 +475,16 @@ class App:
 
     def status(self) -> dict[str, dict[str, Any]]:
         """Per store: state, offsets per shard, and the error and offset if FAILED."""
-        return {n: {"state": s.status.value, "offsets": [st.offset for st in s.shards],
-                    "error": None if s.error is None else repr(s.error), "failed_at": s.failed_at}
-                for n, s in self.stores.items()}
+        out: dict[str, dict[str, Any]] = {
+            n: {"kind": "store", "version": s.version, "state": s.status.value,
+                "offsets": [st.offset for st in s.shards],
+                "error": None if s.error is None else repr(s.error), "failed_at": s.failed_at}
+            for n, s in self.stores.items()}
+        for n, d in self.derivations.items():
+            out[n] = {"kind": "derivation", "state": "failed" if d.error else "running",
+                      "offsets": list(d.offsets), "emitted": d.emitted,
+                      "error": None if d.error is None else repr(d.error), "failed_at": d.failed_at}
+        return out
 
     def __enter__(self) -> "App":
         return self

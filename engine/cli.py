@@ -104,6 +104,12 @@ def _cmd_bench_report(args: argparse.Namespace) -> int:
     return report(args.json_file, args.png)
 
 
+def _cmd_bench_sweep(args: argparse.Namespace) -> int:
+    from .sweep import run_sweep
+
+    return run_sweep(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m engine", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -148,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("json_file")
     r.add_argument("--png", default=None, help="also write a bar chart here")
     r.set_defaults(func=_cmd_bench_report)
+    from .sweep import add_arguments as sweep_arguments  # stdlib-only at import: stays light
+
+    sw = bsub.add_parser("sweep", help="demo throughput over a grid of shards x batch sizes",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sweep_arguments(sw)
+    sw.set_defaults(func=_cmd_bench_sweep)
     return p
 
 

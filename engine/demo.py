@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import shutil
 import tempfile
+import threading
 import time
+from typing import Any, Mapping
 
 import numpy as np
 from rich.console import Console
@@ -21,6 +23,7 @@ from rich.table import Table
 from . import reducers as r
 from . import schema as sc
 from .app import App
+from .derive import Derivation, DerivationInput, StoreView, derived
 from .log import Log
 from .progress import progress_bar, ticker
 from .store import Store
@@ -35,7 +38,34 @@ TYPES = [
     sc.ActionType("comment", {"user": sc.key("user"), "photo": sc.key("photo"), "text": sc.string},
                   partition="user"),
     sc.ActionType("tag", {"token": sc.key("token", str), "photo": sc.key("photo")}, partition="token"),
+    derived("feed_add", {"user": sc.key("user"), "photo": sc.key("photo")}, partition="user"),
 ]
+
+FEED_LEN = 20  # photo ids kept per user's feed
+FANOUT_MAX = 100  # followers a post is pushed to; a celebrity's other followers would pull it
+
+
+def fan_out(rows: DerivationInput, views: Mapping[str, StoreView]) -> dict[str, np.ndarray]:
+    """post × the author's followers → one ``feed_add`` per follower (at most FANOUT_MAX)."""
+    authors = rows.column("user")
+    offsets, followers = views["followers"].lists("followers", authors)
+    return fan_out_rows(offsets, followers, rows.column("photo"), FANOUT_MAX)
+
+
+def fan_out_rows(offsets: np.ndarray, followers: np.ndarray, photos: np.ndarray,
+                 cap: int) -> dict[str, np.ndarray]:
+    """The fan-out over a CSR of follower lists: each row's first ``cap`` followers."""
+    counts = np.minimum(np.diff(offsets), cap)
+    row = np.repeat(np.arange(len(counts)), counts)
+    starts = np.zeros(len(counts), np.int64)
+    np.cumsum(counts[:-1], out=starts[1:])
+    pos = np.arange(len(row), dtype=np.int64) - starts[row]
+    return {"user": followers[offsets[:-1][row] + pos], "photo": np.asarray(photos)[row], "_row": row}
+
+
+def derivations() -> list[Derivation]:
+    """The demo's derivation: feeds filled by fanning posts out to followers."""
+    return [Derivation("feed_fanout", "post", "feed_add", fan_out, reads=["followers"])]
 
 
 def stores() -> list[Store]:
@@ -53,20 +83,92 @@ def stores() -> list[Store]:
               reducers={"comment": r.count("comments")}),
         Store("caption_index", key="token", columns={"photos": r.multimap()},
               reducers={"tag": r.add("photos", "photo")}),
+        Store("feeds", key="user", columns={"feed": r.ring(FEED_LEN)},
+              reducers={"feed_add": r.push("feed", "photo")}),
     ]
 
 
-def _append(log: Log, chunks: list, batch: int, prog: Progress) -> int:
-    total = sum(len(next(iter(c.values()))) for _, c in chunks)
-    tick = ticker(prog, "append", total)
-    for name, cols in chunks:
-        n = len(next(iter(cols.values())))
-        for lo in range(0, n, batch):
-            hi = min(n, lo + batch)
-            log.append(name, {f: v[lo:hi] for f, v in cols.items()})
-            tick(hi - lo)
-    log.flush()
+def interleaved(chunks: list[tuple[str, dict[str, Any]]], batch: int
+                ) -> list[tuple[str, dict[str, Any]]]:
+    """Slices of at most ``batch`` rows in a live-like order: the follow graph first, then
+    every other type round-robin, each slice proportional to its type's size."""
+    first = [c for c in chunks if c[0] == "follow"]
+    rest = [c for c in chunks if c[0] != "follow"]
+    out = [(t, {f: v[lo:lo + batch] for f, v in cols.items()})
+           for t, cols in first for lo in range(0, _rows(cols), batch)]
+    total = sum(_rows(c) for _, c in rest)
+    steps = max(1, -(-total // batch))
+    pos = [0] * len(rest)
+    for i in range(1, steps + 1):
+        for j, (t, cols) in enumerate(rest):
+            hi = _rows(cols) * i // steps
+            if hi > pos[j]:
+                out.append((t, {f: v[pos[j]:hi] for f, v in cols.items()}))
+                pos[j] = hi
+    return out
+
+
+def _rows(cols: Mapping[str, Any]) -> int:
+    return len(next(iter(cols.values())))
+
+
+def _append(log: Any, slices: list, prog: Progress, label: str = "append") -> int:
+    total = sum(_rows(c) for _, c in slices)
+    tick = ticker(prog, label, total)
+    for name, cols in slices:
+        log.append(name, cols)
+        tick(_rows(cols))
     return total
+
+
+class _Live:
+    """Prints live changes: the trending top-5 and a few users' feeds (throttled)."""
+
+    def __init__(self, con: Console, app: App, users: list[int], feed_lines: int = 9):
+        self.con, self.app, self.users = con, app, users
+        self.feed_left = feed_lines
+        self.last_top = 0.0
+        self.lock = threading.Lock()
+        self.subs = [app.subscribe("photo_likes", top=5, column="likes", callback=self.on_top)]
+        for u in users:
+            self.subs.append(app.subscribe("feeds", query=_feed_of(u), callback=self._on_feed(u)))
+
+    def on_top(self, ch: Any) -> None:
+        now = time.monotonic()
+        with self.lock:
+            if now - self.last_top < 0.5:
+                return
+            self.last_top = now
+        top = ", ".join(f"#{k}: {v:,}" for k, v in ch.new)
+        self.con.print(f"[cyan]trending now[/cyan] {top}")
+
+    def _on_feed(self, user: int) -> Any:
+        photo_key = self.app.log.dicts["photo"].key_of
+
+        def on_feed(ch: Any) -> None:
+            old = set([] if ch.old is None else ch.old)
+            added = [p for p in ch.new if p not in old]  # the ring is newest first
+            with self.lock:
+                if self.feed_left <= 0:
+                    return
+                self.feed_left -= 1
+            shown = ", ".join(f"#{p}" for p in photo_key(np.asarray(added[:3], np.int64)))
+            more = f" and {len(added) - 3} more" if len(added) > 3 else ""
+            self.con.print(f"[green]feed of user {user}[/green]: +{shown}{more} ({len(ch.new)} items)")
+
+        return on_feed
+
+    def close(self) -> None:
+        for s in self.subs:
+            s.close()
+
+
+def _feed_of(user: int) -> Any:
+    def q(store: Store) -> list[int]:
+        row = store.get(user)
+        return [] if row is None else row["feed"].tolist()
+
+    return q
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -79,29 +181,38 @@ def run_demo(args: argparse.Namespace) -> int:
     try:
         t = time.perf_counter()
         chunks = photo_app(args.actions, args.users, args.seed)
-        total = sum(len(next(iter(c.values()))) for _, c in chunks)
+        slices = interleaved(chunks, args.batch)
+        total = sum(_rows(c) for _, c in chunks)
         timings.append(("generate workload", total, time.perf_counter() - t))
+        follows = dict(chunks)["follow"]["user"]
+        watch = np.bincount(follows).argsort()[-3:][::-1].tolist()  # the keenest followers
         log = Log(data_dir, TYPES, shards=args.shards, durability=args.durability)
+        app = App(log, stores(), derivations(), checkpoint_every_actions=None, checkpoint_every_s=None)
+        live = _Live(con, app, watch)
+        app.start()
         with progress_bar(con) as prog:
             t = time.perf_counter()
-            _append(log, chunks, args.batch, prog)
-            timings.append((f"append ({args.durability})", total, time.perf_counter() - t))
-            app = App(log, stores(), checkpoint_every_actions=None, checkpoint_every_s=None)
-            t0 = time.perf_counter()
-            app.fold(progress=ticker(prog, "fold", total))
-            timings.append(("fold into 6 stores", total, time.perf_counter() - t0))
+            _append(app, slices, prog, "append")
+            timings.append((f"append ({args.durability}), folded live", total, time.perf_counter() - t))
+            app.settle()
+            derived = app.derivations["feed_fanout"].emitted
+            timings.append((f"end to end: append + fold + fan-out", total, time.perf_counter() - t))
+        app.stop()
+        live.close()
+        con.print(f"fan-out derived {derived:,} feed items from "
+                  f"{len(dict(chunks)['post']['user']):,} posts")
         t = time.perf_counter()
         app.checkpoint()
-        timings.append(("checkpoint", total, time.perf_counter() - t))
+        timings.append(("checkpoint", total + derived, time.perf_counter() - t))
         app.close()
         log.close()
         t = time.perf_counter()
         log = Log(data_dir)
-        app = App(log, stores(), checkpoint_every_actions=None, checkpoint_every_s=None)
+        app = App(log, stores(), derivations(), checkpoint_every_actions=None, checkpoint_every_s=None)
         folded = app.fold()
-        timings.append(("reopen from checkpoint", total, time.perf_counter() - t))
+        timings.append(("reopen from checkpoint", total + derived, time.perf_counter() - t))
         assert folded == 0, folded
-        _print(con, app, timings)
+        _print(con, app, timings, watch[0])
         app.close()
         log.close()
     finally:
@@ -110,7 +221,7 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print(con: Console, app: App, timings: list[tuple[str, int, float]]) -> None:
+def _print(con: Console, app: App, timings: list[tuple[str, int, float]], reader: int) -> None:
     tab = Table("stage", "actions", "seconds", "actions/s", title="throughput")
     for name, n, s in timings:
         tab.add_row(name, f"{n:,}", f"{s:.2f}", f"{n / s / 1e6:.1f}M" if s > 0 else "-")
@@ -128,4 +239,7 @@ def _print(con: Console, app: App, timings: list[tuple[str, int, float]]) -> Non
     p = top[0][0]
     ans.add_row(f"comments on photo #{p}", f"{app['photo_comments'].get(p)['comments']:,}")
     ans.add_row(f"user_photos of user {star[0]}", f"{(app['user_photos'].get(star[0]) or {'photos': 0})['photos']:,}")
+    feed = app["feeds"].get(reader)
+    items = [] if feed is None else app.log.dicts["photo"].key_of(feed["feed"][:5]).tolist()
+    ans.add_row(f"latest photos in user {reader}'s feed", ", ".join(f"#{p}" for p in items))
     con.print(ans)

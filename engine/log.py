@@ -31,8 +31,10 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Literal, Ma
 
 import numpy as np
 
+from . import clock
 from ._impl import load
-from .errors import ClosedError, IncompatibleSchemaError, LimitExceededError, LogError, ReadOnlyError
+from .errors import (ClosedError, IncompatibleSchemaError, LimitExceededError, LogError, ReadOnlyError,
+                     ValidationError)
 from .fsutil import write_atomic
 from .frame import KIND_TYPES, TYPE_COLUMN_FIELD, Batch, ColumnSpec, Var, kind_of, take_rows
 from .keys import KeyDictionary
@@ -100,6 +102,7 @@ class Log:
         self._async_waiters: list[tuple[int, asyncio.Future]] = []
         self._fast: dict[str, Any] = {}  # type name -> (native validator or None, field names)
         self._async_scheduled = False
+        self._listeners: list[Callable[[], None]] = []  # told after frames are written
 
     # -- metadata --------------------------------------------------------------------------
     def _open_meta(self, types: Iterable[ActionType] | Schema | None, shards: int | None) -> None:
@@ -183,29 +186,109 @@ class Log:
             return {}
         type_id = self.schema.type_id(type_name)
         shard_ids = self._route(at, cols, n)
-        out: dict[int, range] = {}
         _check_row_bytes(at, cols, n, self.limits)  # before anything (keys included) is written
         with self._lock:
             self._flush_pending_locked()
             cols = self._intern_columns(at, cols)
-            if shard_ids is None:
-                parts = [(0, cols, n)]
-            else:
-                order = np.argsort(shard_ids, kind="stable")
-                bounds = np.searchsorted(shard_ids[order], np.arange(self.shards + 1))
-                parts = []
-                for s in range(self.shards):
-                    idx = order[bounds[s] : bounds[s + 1]]
-                    if len(idx):
-                        parts.append((s, {f: take_rows(v, idx) for f, v in cols.items()}, len(idx)))
-            self._make_room([(s, _frames_bytes(at, part, m, self.limits)) for s, part, m in parts])
-            for s, part, m in parts:
-                first = self._write_columns(s, at, type_id, part, m)
-                out[s] = range(first, first + m)
-                self._rowbuf.set_base(s, first + m)
-            seq = self._written_seq
+            out, seq = self._write_routed(at, type_id, cols, n, shard_ids)
         self._after_write(seq)
+        self._wake_listeners()
         return out
+
+    def append_ids(self, type_name: str, columns: Mapping[str, Any]) -> dict[int, range]:
+        """Append a columnar batch whose key fields are already interned ids (derivations).
+
+        Key ids must be ids of the log's dictionaries (``0 <= id < len(log.dicts[domain])``);
+        other fields are validated like ``append``. Nothing is looked up again: this is the
+        path that fans out millions of derived actions a second.
+        """
+        self._check_writable()
+        at = self.schema[type_name]
+        ids: dict[str, np.ndarray] = {}
+        rest = dict(columns)
+        for f, domain in at.key_fields.items():
+            if f not in rest:
+                raise ValidationError(f"append_ids of action type {type_name!r}: key field {f!r} "
+                                      "is missing", action_type=type_name, field=f)
+            v = np.ascontiguousarray(rest.pop(f), np.int64)
+            if len(v) and (int(v.min()) < 0 or int(v.max()) >= len(self.dicts[domain])):
+                raise ValidationError(
+                    f"append_ids of action type {type_name!r}: field {f!r} holds ids outside "
+                    f"[0, {len(self.dicts[domain])}) of key domain {domain!r}; pass interned ids "
+                    "(or raw keys to append)", action_type=type_name, field=f)
+            ids[f] = v
+        n = len(next(iter(ids.values()))) if ids else None
+        checked = _exact_columns(at, rest, n) if rest and n is not None else None
+        if checked is not None:
+            m = n
+        elif rest:  # the other fields are checked as append checks them (keys stand in as raw)
+            stand_in = {f: _raw_keys(self.dicts[at.key_fields[f]], v) for f, v in ids.items()}
+            checked, m = at.validate_columns({**rest, **stand_in}, self.limits)
+        else:
+            checked, m = {}, n or 0
+        if n is not None and m != n:
+            raise ValidationError(f"append_ids of action type {type_name!r}: columns have "
+                                  f"different lengths ({n} key ids, {m} rows)", action_type=type_name)
+        if m == 0:
+            return {}
+        cols = {f: (ids[f] if f in ids else checked[f]) for f in at.field_names}
+        type_id = self.schema.type_id(type_name)
+        shard_ids = self.route_ids(type_name, cols)
+        with self._lock:
+            self._flush_pending_locked()
+            out, seq = self._write_routed(at, type_id, cols, m, shard_ids if self.shards > 1 else None)
+        self._after_write(seq)
+        self._wake_listeners()
+        return out
+
+    def route_ids(self, type_name: str, columns: Mapping[str, Any]) -> np.ndarray:
+        """The shard of each row of a batch whose key fields are interned ids."""
+        at = self.schema[type_name]
+        p = at.partition
+        v = columns[p]
+        n = len(v)
+        if self.shards == 1:
+            return np.zeros(n, np.int64)
+        if p in at.key_fields:
+            raw = _raw_keys(self.dicts[at.key_fields[p]], np.asarray(v, np.int64))
+            if isinstance(raw, VarColumn):
+                return _keys.shard_of_strs((raw.offsets, raw.data), self.shards)
+            return _keys.shard_of_ints(raw, self.shards)
+        return self._route(at, columns, n)
+
+    def add_listener(self, fn: Callable[[], None]) -> None:
+        """Call ``fn()`` (cheap, non-blocking) after new frames are written."""
+        self._listeners.append(fn)
+
+    def remove_listener(self, fn: Callable[[], None]) -> None:
+        if fn in self._listeners:
+            self._listeners.remove(fn)
+
+    def _wake_listeners(self) -> None:
+        for fn in self._listeners:
+            fn()
+
+    def _write_routed(self, at: ActionType, type_id: int, cols: Mapping[str, Any], n: int,
+                      shard_ids: np.ndarray | None) -> tuple[dict[int, range], int]:
+        """Write rows (keys interned) to their shards; the caller holds the lock."""
+        out: dict[int, range] = {}
+        if shard_ids is None:
+            parts = [(0, cols, n)]
+        else:
+            order = np.argsort(shard_ids, kind="stable")
+            bounds = np.searchsorted(shard_ids[order], np.arange(self.shards + 1))
+            parts = []
+            for s in range(self.shards):
+                idx = order[bounds[s] : bounds[s + 1]]
+                if len(idx):
+                    parts.append((s, {f: take_rows(v, idx) for f, v in cols.items()}, len(idx)))
+        self._make_room([(s, _frames_bytes(at, part, m, self.limits)) for s, part, m in parts])
+        for s, part, m in parts:
+            first = self._write_columns(s, at, type_id, part, m)
+            out[s] = range(first, first + m)
+            self._rowbuf.set_base(s, first + m)
+        seq = self._written_seq
+        return out, seq
 
     def _make_room(self, needs: list[tuple[int, int]]) -> None:
         """Roll every shard whose open segment cannot take its part, before writing any part,
@@ -360,6 +443,8 @@ class Log:
             if self._rowbuf.count(shard):
                 types, cols = self._rowbuf.take(shard)
                 self._write_taken(shard, types, cols)
+        for fn in self._listeners:
+            fn()
 
     def _write_taken(self, shard: int, types: np.ndarray | None, by_type: dict[int, list]) -> None:
         specs: list[ColumnSpec] = []
@@ -455,7 +540,7 @@ class Log:
         if self.retention_bytes is not None or self.retention_age_s is not None:
             with self._lock:
                 for sl in self.shard_logs:
-                    sl.retire_before(self.retention_bytes, self.retention_age_s, time.time_ns())
+                    sl.retire_before(self.retention_bytes, self.retention_age_s, clock.time_ns())
 
     def compact(self) -> "CompactionStats":
         """Rewrite sealed segments keeping the last action per key of last-write-wins types.
@@ -563,6 +648,27 @@ class Log:
 
 
 # -- helpers ---------------------------------------------------------------------------------
+def _exact_columns(at: ActionType, cols: Mapping[str, Any], n: int) -> dict[str, np.ndarray] | None:
+    """Fixed-width columns that already are 1-D arrays of exactly the field dtype and length
+    (nothing to convert or range-check); None when any is not, or a field is missing."""
+    out = {}
+    for f in at.field_names:
+        if f in at.key_fields:
+            continue
+        v, ft = cols.get(f), at.fields[f]
+        if (not isinstance(v, np.ndarray) or ft.is_var or v.ndim != 1 or v.dtype != ft.dtype
+                or len(v) != n or ft.kind == "bool"):
+            return None
+        out[f] = np.ascontiguousarray(v)
+    return out if len(out) == len(cols) else None
+
+
+def _raw_keys(d: KeyDictionary, ids: np.ndarray) -> Any:
+    """The raw keys of interned ids: int64 array (int domains) or a VarColumn (str domains)."""
+    raw = d.key_of(ids)
+    return VarColumn.from_values(raw) if d.kind == "str" else np.asarray(raw, np.int64)
+
+
 def _slice(v: Any, lo: int, hi: int) -> Any:
     if isinstance(v, (VarColumn, Var)):
         offs = v.offsets[lo : hi + 1]

@@ -29,11 +29,11 @@ import bisect
 import os
 import re
 import struct
-import time
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from . import clock
 from ._impl import load
 from .errors import CorruptLogError, LogError
 from .frame import (
@@ -231,7 +231,7 @@ class ShardLog:
         assert seg.state is SegmentState.OPEN and length <= seg.room(), seg.path
         first = seg.next_offset
         pos = seg.end_pos
-        written = write_frame(seg.mm, pos, first, count, ntypes, columns, time.time_ns())
+        written = write_frame(seg.mm, pos, first, count, ntypes, columns, clock.time_ns())
         seg.add_frame(pos, written, first, count)
         return first
 

@@ -192,13 +192,14 @@ class Store:
         self.status = to
 
     # -- folding ---------------------------------------------------------------------------
-    def apply(self, shard: int, batch: Any, keys_known: int) -> None:
-        """Fold one batch of ``shard`` (all-or-nothing for this store)."""
+    def apply(self, shard: int, batch: Any, keys_known: int) -> Any:
+        """Fold one batch of ``shard`` (all-or-nothing for this store); returns the part of
+        the batch it applied (None if nothing: already past it, or failed)."""
         if self.status is StoreState.FAILED:
-            return
+            return None
         st = self.shards[shard]
         if batch.end_offset <= st.offset:
-            return
+            return None
         if batch.first_offset < st.offset:
             batch = batch.between(st.offset, batch.end_offset)
         with self.locks[shard]:
@@ -209,8 +210,9 @@ class Store:
                 self.error = exc
                 self.failed_at = (shard, batch.first_offset)
                 self.transition(StoreState.FAILED)
-                return
+                return None
             st.offset = batch.end_offset
+        return batch
 
     def _apply_locked(self, st: ShardState, batch: Any) -> None:
         present = set(batch.type_names)

@@ -26,15 +26,15 @@ from libc.string cimport memcpy
 import numpy as np
 
 from engine._kernels_py import (
-    _changed_args, _fill_error, _key_ids, _lengths, _mask, _out, _range_error, _ring,
-    _ring_read_args, _row_state, _seen, _topk_args, _topk_read_args, _topk_state, _value_outs,
-    _values,
+    _changed_args, _fill_error, _key_ids, _lengths, _mask, _negative_error, _out, _range_error,
+    _ring, _ring_read_args, _row_state, _seen, _topk_args, _topk_read_args, _topk_state,
+    _value_outs, _values, _watch_args, _watch_ids,
 )
 
 __all__ = [
     "reduce_count", "reduce_sum", "reduce_min", "reduce_max", "reduce_first", "reduce_last",
     "fold_count_sum_last", "fold_count_sum_last_rows", "ring_push", "ring_read",
-    "changed_keys", "topk", "topk_push", "topk_read",
+    "changed_keys", "watch_diff", "watched_unique", "topk", "topk_push", "topk_read",
 ]
 
 ctypedef fused num_t:
@@ -557,6 +557,121 @@ def topk(values, k, mask=None):
         free(heap)
     return out[:n].copy() if n < out.shape[0] else out
 
+
+
+# ---- subscriptions: watched keys --------------------------------------------------------------
+
+@cython.boundscheck(False)  # &view[0] of an empty view: an address, never read
+cdef Rows _watch_rows(object ids, Py_ssize_t watchable, Py_ssize_t bytes_per_key) except *:
+    """The rows of a watch call: any id >= 0 is valid (ids from `watchable` on are simply not
+    watched), a negative one is a ValueError. r.keys = watchable bounds reads and prefetches.
+    The caller holds `ids` while any loop uses the pointer."""
+    cdef const int64_t[::1] iv = ids
+    cdef Rows r
+    cdef Py_ssize_t row
+    r.ids, r.n, r.mask, r.keys = &iv[0], iv.shape[0], NULL, (<uint64_t>1) << 63
+    with nogil:
+        row = _first_bad(r)   # as uint64, only negative ids reach 2**63
+    if row >= 0:
+        raise _negative_error(ids, row)
+    r.keys = watchable
+    r.ahead = PREFETCH_AHEAD if watchable * bytes_per_key >= PREFETCH_MIN_BYTES else 0
+    r.ahead_stop = r.n - r.ahead if r.ahead and r.n > r.ahead else 0
+    return r
+
+
+cdef Py_ssize_t _watch_diff(Rows r, const uint8_t* watched, const num_t* state, uint64_t cap_s,
+                            num_t* shadow, int64_t* out_ids, num_t* out_old,
+                            num_t* out_new) noexcept nogil:
+    """Report and absorb each watched key's change (r.keys = len(watched)); their count."""
+    cdef Py_ssize_t i, j = 0
+    cdef int64_t k
+    cdef num_t old, new
+    for i in range(r.n):
+        k = _ahead(r, i)
+        if k >= 0:
+            ENGINE_PREFETCH_R(&watched[k])
+            ENGINE_PREFETCH_W(&shadow[k])
+            if <uint64_t>k < cap_s:
+                ENGINE_PREFETCH_R(&state[k])
+        k = r.ids[i]
+        if <uint64_t>k >= r.keys or watched[k] == 0:
+            continue
+        new = state[k] if <uint64_t>k < cap_s else 0   # state not grown that far yet
+        old = shadow[k]
+        if old == new:
+            continue
+        if num_t is double:
+            if old != old and new != new:   # NaN == NaN counts as unchanged
+                continue
+        out_ids[j], out_old[j], out_new[j] = k, old, new
+        shadow[k] = new
+        j += 1
+    return j
+
+
+@cython.boundscheck(False)
+cdef Py_ssize_t _watch_entry(Rows r, const uint8_t[::1] w, const num_t[::1] s, num_t[::1] sh,
+                             int64_t[::1] oi, num_t[::1] oo, num_t[::1] on):
+    with nogil:
+        return _watch_diff(r, &w[0], &s[0], s.shape[0], &sh[0], &oi[0], &oo[0], &on[0])
+
+
+def watch_diff(ids, watched, state, shadow, out_ids, out_old, out_new):
+    """Report and absorb the changes of the watched keys among ``ids``; returns their count j.
+
+    Row by row: a key ``k`` is watched iff ``k < len(watched)`` and ``watched[k] != 0``; its
+    value is ``state[k]``, or 0 when ``k >= len(state)``. When that differs from ``shadow[k]``
+    (as in ``changed_keys``: NaN == NaN, -0.0 == 0.0), ``(k, shadow[k], value)`` goes to
+    ``out_ids[j], out_old[j], out_new[j]``, then ``shadow[k] = value`` and ``j += 1``; so a key
+    is reported at most once, in first-appearance order. ``shadow`` (``len >= len(watched)``)
+    and the outputs (``len >= len(ids)``) are writeable, C-contiguous and of the state's dtype
+    (``out_ids``: int64); entries from ``j`` on are left alone.
+    """
+    i, w, s, sh, oi, oo, on = _watch_args(ids, watched, state, shadow, out_ids, out_old, out_new)
+    cdef Rows r = _watch_rows(i, w.shape[0], 17)
+    if s.dtype == INT64:
+        return _watch_entry[int64_t](r, w, s, sh, oi, oo, on)
+    return _watch_entry[double](r, w, s, sh, oi, oo, on)
+
+
+cdef Py_ssize_t _watched_unique(Rows r, const uint8_t* watched, uint8_t* marks,
+                                int64_t* out) noexcept nogil:
+    """Watched ids (r.keys = len(watched)), each once (marks: one bit per key); their count."""
+    cdef Py_ssize_t i, n = 0
+    cdef int64_t k
+    for i in range(r.n):
+        k = _ahead(r, i)
+        if k >= 0:
+            ENGINE_PREFETCH_R(&watched[k])
+        k = r.ids[i]
+        if <uint64_t>k >= r.keys or watched[k] == 0:
+            continue
+        if marks[k >> 3] & (1 << (k & 7)):
+            continue
+        marks[k >> 3] |= 1 << (k & 7)
+        out[n] = k
+        n += 1
+    return n
+
+
+@cython.boundscheck(False)
+def watched_unique(ids, watched):
+    """The distinct ids among ``ids`` that are watched (``k < len(watched)`` and
+    ``watched[k] != 0``), in first-appearance order; a negative id is a ValueError."""
+    i, w = _watch_ids(ids, watched)
+    cdef Py_ssize_t n, keys = w.shape[0]
+    cdef Rows r = _watch_rows(i, keys, 1)
+    cdef const uint8_t[::1] wv = w
+    out = np.empty(max(r.n, 1), dtype=np.int64)
+    cdef int64_t[::1] ov = out
+    cdef uint8_t* marks = <uint8_t*>calloc((keys >> 3) + 1, 1)
+    if marks == NULL:
+        raise MemoryError(f"watched_unique: cannot allocate a {keys}-bit key set")
+    with nogil:
+        n = _watched_unique(r, &wv[0], marks, &ov[0])
+    free(marks)
+    return out[:n].copy()
 
 
 # ---- per-key top k ----------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import os
 ENGINE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "engine")
 
 LAYERS = [
-    {"errors", "limits", "workload", "benchreport", "reducers", "fsutil", "progress"},
+    {"errors", "limits", "workload", "benchreport", "reducers", "fsutil", "progress", "clock"},
     {"_codec_py", "_keys_py", "_kernels_py", "_multimap_py", "jit",
      "_codec", "_keys", "_kernels", "_multimap"},
     {"_impl", "_dispatch_py", "_dispatch"},
@@ -19,8 +19,10 @@ LAYERS = [
     {"shardlog", "compaction"},
     {"log", "state"},
     {"store"},
+    {"subscribe", "derive", "rebuild"},
     {"app", "tools"},
-    {"demo"},
+    {"demo", "testing"},
+    {"sweep"},
     {"cli", "__init__"},
     {"__main__"},
 ]
