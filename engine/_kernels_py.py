@@ -38,7 +38,7 @@ import numpy as np
 __all__ = [
     "reduce_count", "reduce_sum", "reduce_min", "reduce_max", "reduce_first", "reduce_last",
     "fold_count_sum_last", "fold_count_sum_last_rows", "ring_push", "ring_read",
-    "changed_keys", "watch_diff", "watched_unique", "topk", "topk_push", "topk_read",
+    "changed_keys", "watch_diff", "watched_unique", "fan_out", "topk", "topk_push", "topk_read",
 ]  # fmt: skip
 
 _INT64 = np.dtype(np.int64)
@@ -479,7 +479,11 @@ def _watch_ids(ids: Any, watched: Any) -> tuple[np.ndarray, np.ndarray]:
 def _watch_args(ids: Any, watched: Any, state: Any, shadow: Any, out_ids: Any, out_old: Any,
                 out_new: Any) -> tuple[np.ndarray, ...]:
     i, w = _watch_ids(ids, watched)
-    s = _vector(state, "state")
+    s = np.asarray(state)  # strided is fine (a column of a row group): read in place
+    if s.ndim != 1:
+        raise ValueError(f"state must be 1-D, got {s.ndim} dimensions")
+    if s.shape[0] and (s.strides[0] <= 0 or s.strides[0] % s.itemsize):
+        s = np.ascontiguousarray(s)
     if s.dtype not in _VALUE_DTYPES:
         raise TypeError(f"state must be int64 or float64, got dtype {s.dtype}")
     sh = _out(shadow, "shadow", _VALUE_DTYPES)
@@ -669,3 +673,34 @@ def topk_read(top: np.ndarray, fill: np.ndarray, key: int) -> np.ndarray:
     ``[0, min(len(top), len(fill)))``."""
     t, k, n = _topk_read_args(top, fill, key)
     return np.array(t[k, :n]) if n else np.empty(0, t.dtype)
+
+
+# ---- derivations: fan-out over CSR lists --------------------------------------------------------
+
+def _fan_out_args(offsets: Any, values: Any, cap: Any) -> tuple[np.ndarray, np.ndarray, int]:
+    off = _vector(offsets, "offsets")
+    val = _vector(values, "values")
+    if off.dtype != _INT64 or val.dtype != _INT64:
+        raise TypeError("fan_out takes int64 offsets and values")
+    if off.shape[0] < 1:
+        raise ValueError("offsets needs at least one entry (offsets[0] = 0)")
+    if int(cap) < 0:
+        raise ValueError(f"cap must be >= 0, got {cap}")
+    d = np.diff(off)
+    if off[0] != 0 or (d < 0).any() or off[-1] > val.shape[0]:
+        raise ValueError("offsets must start at 0, never decrease and end within values (a CSR)")
+    return off, val, min(int(cap), 1 << 62)
+
+
+def fan_out(offsets: Any, values: Any, cap: int) -> tuple[np.ndarray, np.ndarray]:
+    """Expand a CSR: for each row i its first ``min(cap, offsets[i+1] - offsets[i])`` values.
+
+    Returns ``(out, row)``: the values in row order and, for each, the row it came from.
+    """
+    off, val, c = _fan_out_args(offsets, values, cap)
+    counts = np.minimum(np.diff(off), c)
+    row = np.repeat(np.arange(counts.shape[0], dtype=np.int64), counts)
+    starts = np.zeros(counts.shape[0], np.int64)
+    np.cumsum(counts[:-1], out=starts[1:])
+    pos = np.arange(row.shape[0], dtype=np.int64) - starts[row]
+    return val[off[:-1][row] + pos], row

@@ -254,6 +254,8 @@ class App:
             rec = pending.pop()
             while not self.applied(rec, store):
                 if self._runner is None:
+                    if deadline is not None and time.monotonic() > deadline:
+                        raise TimeoutError(f"wait: {rec} not applied after {timeout} s")
                     self.fold()
                     continue
                 self._wake.set()

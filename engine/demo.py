@@ -22,6 +22,7 @@ from rich.table import Table
 
 from . import reducers as r
 from . import schema as sc
+from ._impl import load
 from .app import App
 from .derive import Derivation, DerivationInput, StoreView, derived
 from .log import Log
@@ -41,6 +42,7 @@ TYPES = [
     derived("feed_add", {"user": sc.key("user"), "photo": sc.key("photo")}, partition="user"),
 ]
 
+_k = load("kernels")
 FEED_LEN = 20  # photo ids kept per user's feed
 FANOUT_MAX = 100  # followers a post is pushed to; a celebrity's other followers would pull it
 
@@ -55,12 +57,8 @@ def fan_out(rows: DerivationInput, views: Mapping[str, StoreView]) -> dict[str, 
 def fan_out_rows(offsets: np.ndarray, followers: np.ndarray, photos: np.ndarray,
                  cap: int) -> dict[str, np.ndarray]:
     """The fan-out over a CSR of follower lists: each row's first ``cap`` followers."""
-    counts = np.minimum(np.diff(offsets), cap)
-    row = np.repeat(np.arange(len(counts)), counts)
-    starts = np.zeros(len(counts), np.int64)
-    np.cumsum(counts[:-1], out=starts[1:])
-    pos = np.arange(len(row), dtype=np.int64) - starts[row]
-    return {"user": followers[offsets[:-1][row] + pos], "photo": np.asarray(photos)[row], "_row": row}
+    followers_out, row = _k.fan_out(offsets, followers, cap)
+    return {"user": followers_out, "photo": np.asarray(photos)[row], "_row": row}
 
 
 def derivations() -> list[Derivation]:

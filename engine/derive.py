@@ -229,7 +229,7 @@ class Derivation:
                 cols = self._normalize(out, rows)
                 if cols is not None:  # invalid rows (ids, dtypes, sizes) raise before any write
                     emitted = self._append(log, shard, cols)
-            except Exception as exc:  # the derivation stops here; stores and others go on
+            except Exception as exc:  # noqa: BLE001 - the derivation stops; the rest goes on
                 # (if a write failed half-way, the restart's recovery drops what was written)
                 self.error, self.failed_at = exc, (shard, batch.first_offset)
                 return 0

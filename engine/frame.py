@@ -233,7 +233,7 @@ class Batch:
     """
 
     __slots__ = ("shard", "first_offset", "end_offset", "timestamp_ns", "_schema", "_types",
-                 "_cols", "_start", "_stop", "_dicts", "_row_ranges", "_row_offsets")
+                 "_cols", "_start", "_stop", "_dicts", "_row_ranges", "_row_offsets", "_memo")
 
     def __init__(self, shard: int, first_offset: int, end_offset: int, timestamp_ns: int,
                  schema: "Schema", types: np.ndarray | None, cols: dict, start: int, stop: int,
@@ -250,6 +250,7 @@ class Batch:
         self._dicts = dicts or {}
         self._row_ranges: dict[int, tuple[int, int]] | None = None
         self._row_offsets = row_offsets  # sparse frames: int64 offset of every frame row
+        self._memo: dict | None = None  # columns already sliced (a batch is read many times)
 
     def __repr__(self) -> str:
         return (f"Batch(shard={self.shard}, offsets=[{self.first_offset}, {self.end_offset}), "
@@ -327,6 +328,15 @@ class Batch:
 
     def column(self, type_name: str, field: str) -> np.ndarray | Var:
         """One field of ``type_name``'s actions: a zero-copy view (Var for strings/bytes)."""
+        memo = self._memo
+        if memo is None:
+            memo = self._memo = {}
+        got = memo.get((type_name, field))
+        if got is None:
+            got = memo[(type_name, field)] = self._column(type_name, field)
+        return got
+
+    def _column(self, type_name: str, field: str) -> np.ndarray | Var:
         t = self._type_id(type_name)
         at = self._schema[type_name]
         idx = at.field_index(field)

@@ -275,7 +275,8 @@ class Log:
         if shard_ids is None:
             parts = [(0, cols, n)]
         else:
-            order = np.argsort(shard_ids, kind="stable")
+            # stable sort of 16-bit shard ids is a radix sort in numpy: O(n), ~10x int64's
+            order = np.argsort(shard_ids.astype(np.uint16, copy=False), kind="stable")
             bounds = np.searchsorted(shard_ids[order], np.arange(self.shards + 1))
             parts = []
             for s in range(self.shards):

@@ -128,7 +128,10 @@ def finish_switch(root: str, version: int) -> None:
         cur = {}
     retired = cur.get("retired")
     if cur.get("version") == version and retired is not None and retired != version:
-        _remove_version(root, int(retired))
+        try:
+            _remove_version(root, int(retired))
+        except OSError:  # garbage, not state: the next recovery tries again
+            pass
     for name in os.listdir(root):
         if name.startswith(RETIRED_PREFIX):
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)

@@ -288,6 +288,8 @@ class ShardLog:
         si = max(0, bisect.bisect_right(self._bases, start) - 1)
         while pos_off < end and si < len(self.segments):
             seg = self.segments[si]
+            sealed = seg.state is not SegmentState.OPEN  # before the snapshot: a writer may seal it
+            sealed_end = seg.next_offset
             positions, firsts = seg.frame_index()
             n = len(positions)
             fi = max(0, int(np.searchsorted(firsts, pos_off, side="right")) - 1)
@@ -297,8 +299,8 @@ class ShardLog:
                 last = None
                 if fi + 1 < n:
                     last = int(firsts[fi + 1])
-                elif seg.state is not SegmentState.OPEN:
-                    last = seg.next_offset
+                elif sealed:
+                    last = sealed_end
                 batch = self._frame(seg, int(positions[fi]), verify, int(firsts[fi]), last)
                 fi += 1
                 if batch.end_offset <= pos_off:

@@ -74,13 +74,23 @@ class Changes:
     ids: np.ndarray
     old: np.ndarray
     new: np.ndarray
-    shards: np.ndarray
-    offsets: np.ndarray
+    shard: np.ndarray | int  # one int when every change was seen after the same batch
+    offset: np.ndarray | int
     _key_of: Callable[[np.ndarray], Any] | None = field(default=None, repr=False)
     _keys: Any = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @property
+    def shards(self) -> np.ndarray:
+        """The shard of each change (read-only array)."""
+        return np.broadcast_to(np.asarray(self.shard, np.int64), self.ids.shape)
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """The offset of each change (read-only array)."""
+        return np.broadcast_to(np.asarray(self.offset, np.int64), self.ids.shape)
 
     @property
     def keys(self) -> Any:
@@ -118,8 +128,8 @@ def conflate(items: list[Changes]) -> Changes | None:
         return None
     order = np.argsort(last_idx[keep], kind="stable")  # in the order they last changed
     pick = last_idx[keep][order]
-    return Changes(first.store, first.column, ids[pick], o[keep][order], new[pick], shards[pick],
-                   offs[pick], first._key_of)
+    return Changes(first.store, first.column, ids[pick], o[keep][order], new[pick],
+                   np.ascontiguousarray(shards[pick]), np.ascontiguousarray(offs[pick]), first._key_of)
 
 
 def _same_values(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -501,7 +511,9 @@ class Hub:
                     if not sel.any():
                         continue
                     part = Changes(ch.store, ch.column, ch.ids[sel], ch.old[sel], ch.new[sel],
-                                   ch.shards[sel], ch.offsets[sel], ch._key_of)
+                                   ch.shard if np.ndim(ch.shard) == 0 else ch.shard[sel],
+                                   ch.offset if np.ndim(ch.offset) == 0 else ch.offset[sel],
+                                   ch._key_of)
                 self._notify(sub, part)
         for sub in self.queries.get(store.name, ()):
             sub._mark_dirty()
@@ -510,13 +522,16 @@ class Hub:
 
     def _notify(self, sub: Subscription, ch: Changes) -> None:
         if sub.single is not None:
-            item: Any = Change(sub.single, ch.old[0].item(), ch.new[0].item(), int(ch.shards[0]),
-                               int(ch.offsets[0]))
+            shard = ch.shard if np.ndim(ch.shard) == 0 else ch.shard[0]
+            offset = ch.offset if np.ndim(ch.offset) == 0 else ch.offset[0]
+            item: Any = Change(sub.single, ch.old.item(0), ch.new.item(0), int(shard), int(offset))
         else:
             item = ch
-        sub._push(item)
-        if sub.deliver == "inline":
-            sub._deliver_inline()
+        if sub.deliver == "inline":  # synchronous: straight to the callback, no queue
+            if not sub.closed:
+                sub._call(item)
+        else:
+            sub._push(item)
 
     def _diff_shard(self, store: Any, w: _ColumnWatch, ids: np.ndarray, shard: int,
                     offset: int) -> Changes | None:
@@ -532,8 +547,7 @@ class Hub:
         m = _k.watch_diff(ids, mask, state, shadow, out_ids, out_old, out_new)
         if m == 0:
             return None
-        return Changes(store.name, w.column, out_ids[:m], out_old[:m], out_new[:m],
-                       np.full(m, shard, np.int64), np.full(m, offset, np.int64),
+        return Changes(store.name, w.column, out_ids[:m], out_old[:m], out_new[:m], shard, offset,
                        self._key_of(store))
 
     def _diff_combined(self, store: Any, w: _ColumnWatch, ids: np.ndarray, shard: int,
@@ -548,9 +562,7 @@ class Hub:
             w.shadow[0][cand[diff]] = new[diff]
         if not diff.any():
             return None
-        m = int(diff.sum())
-        return Changes(store.name, w.column, cand[diff], old[diff], new[diff],
-                       np.full(m, shard, np.int64), np.full(m, offset, np.int64),
+        return Changes(store.name, w.column, cand[diff], old[diff], new[diff], shard, offset,
                        self._key_of(store))
 
     def _key_of(self, store: Any) -> Callable[[np.ndarray], Any]:

@@ -468,6 +468,8 @@ class Faults:
                    threading.Thread(target=_drain, args=(p.stderr, err), daemon=True)]
         for t in readers:
             t.start()
+        ready: list[int] = []
+        parked = False
         try:
             ready, _, _ = select.select([ctl_r], [], [], timeout_s)
             parked = bool(ready) and os.read(ctl_r, 64).startswith(b"parked")

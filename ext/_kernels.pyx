@@ -28,13 +28,13 @@ import numpy as np
 from engine._kernels_py import (
     _changed_args, _fill_error, _key_ids, _lengths, _mask, _negative_error, _out, _range_error,
     _ring, _ring_read_args, _row_state, _seen, _topk_args, _topk_read_args, _topk_state,
-    _value_outs, _values, _watch_args, _watch_ids,
+    _value_outs, _values, _watch_args, _watch_ids, _fan_out_args,
 )
 
 __all__ = [
     "reduce_count", "reduce_sum", "reduce_min", "reduce_max", "reduce_first", "reduce_last",
     "fold_count_sum_last", "fold_count_sum_last_rows", "ring_push", "ring_read",
-    "changed_keys", "watch_diff", "watched_unique", "topk", "topk_push", "topk_read",
+    "changed_keys", "watch_diff", "watched_unique", "fan_out", "topk", "topk_push", "topk_read",
 ]
 
 ctypedef fused num_t:
@@ -581,9 +581,10 @@ cdef Rows _watch_rows(object ids, Py_ssize_t watchable, Py_ssize_t bytes_per_key
 
 
 cdef Py_ssize_t _watch_diff(Rows r, const uint8_t* watched, const num_t* state, uint64_t cap_s,
-                            num_t* shadow, int64_t* out_ids, num_t* out_old,
+                            Py_ssize_t stride, num_t* shadow, int64_t* out_ids, num_t* out_old,
                             num_t* out_new) noexcept nogil:
-    """Report and absorb each watched key's change (r.keys = len(watched)); their count."""
+    """Report and absorb each watched key's change (r.keys = len(watched)); their count.
+    ``state[k * stride]`` is key k's value (stride > 1: a column of a row group)."""
     cdef Py_ssize_t i, j = 0
     cdef int64_t k
     cdef num_t old, new
@@ -593,11 +594,11 @@ cdef Py_ssize_t _watch_diff(Rows r, const uint8_t* watched, const num_t* state, 
             ENGINE_PREFETCH_R(&watched[k])
             ENGINE_PREFETCH_W(&shadow[k])
             if <uint64_t>k < cap_s:
-                ENGINE_PREFETCH_R(&state[k])
+                ENGINE_PREFETCH_R(&state[k * stride])
         k = r.ids[i]
         if <uint64_t>k >= r.keys or watched[k] == 0:
             continue
-        new = state[k] if <uint64_t>k < cap_s else 0   # state not grown that far yet
+        new = state[k * stride] if <uint64_t>k < cap_s else 0   # state not grown that far yet
         old = shadow[k]
         if old == new:
             continue
@@ -611,10 +612,13 @@ cdef Py_ssize_t _watch_diff(Rows r, const uint8_t* watched, const num_t* state, 
 
 
 @cython.boundscheck(False)
-cdef Py_ssize_t _watch_entry(Rows r, const uint8_t[::1] w, const num_t[::1] s, num_t[::1] sh,
+cdef Py_ssize_t _watch_entry(Rows r, const uint8_t[::1] w, const num_t[:] s, num_t[::1] sh,
                              int64_t[::1] oi, num_t[::1] oo, num_t[::1] on):
+    cdef Py_ssize_t stride = s.strides[0] // <Py_ssize_t>sizeof(num_t)
+    if stride * <Py_ssize_t>sizeof(num_t) != s.strides[0] or stride < 1:
+        raise ValueError("state must have a positive stride that is a multiple of its item size")
     with nogil:
-        return _watch_diff(r, &w[0], &s[0], s.shape[0], &sh[0], &oi[0], &oo[0], &on[0])
+        return _watch_diff(r, &w[0], &s[0], s.shape[0], stride, &sh[0], &oi[0], &oo[0], &on[0])
 
 
 def watch_diff(ids, watched, state, shadow, out_ids, out_old, out_new):
@@ -780,3 +784,41 @@ def topk_read(top, fill, key):
     ``[0, min(len(top), len(fill)))``."""
     t, k, n = _topk_read_args(top, fill, key)
     return np.array(t[k, :n]) if n else np.empty(0, t.dtype)
+
+
+# ---- derivations: fan-out over CSR lists -------------------------------------------------------
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+def fan_out(offsets, values, cap):
+    """Expand a CSR: for each row i its first ``min(cap, offsets[i+1] - offsets[i])`` values.
+
+    Returns ``(out, row)``: the values in row order and, for each, the row it came from.
+    The checks (shared with the twin) prove the CSR is well formed before the loops run.
+    """
+    off_a, val_a, c_ = _fan_out_args(offsets, values, cap)
+    cdef const int64_t[::1] off = off_a
+    cdef const int64_t[::1] val = val_a
+    cdef int64_t c = c_
+    cdef Py_ssize_t rows = off.shape[0] - 1, i
+    cdef int64_t total = 0, m, j, lo
+    with nogil:
+        for i in range(rows):
+            m = off[i + 1] - off[i]
+            total += m if m < c else c
+    out_a = np.empty(total, np.int64)
+    row_a = np.empty(total, np.int64)
+    cdef int64_t[::1] out = out_a
+    cdef int64_t[::1] row = row_a
+    cdef int64_t k = 0
+    with nogil:
+        for i in range(rows):
+            lo = off[i]
+            m = off[i + 1] - lo
+            if m > c:
+                m = c
+            for j in range(m):
+                out[k + j] = val[lo + j]
+                row[k + j] = i
+            k += m
+    return out_a, row_a

@@ -9,10 +9,13 @@ numpy (``expected``), so "complete" means equal to a full replay, key by key.
 * In process, a reader thread reads ``get_many`` of every photo and ``top_k`` without pause
   while ``app.rebuild(v2)`` runs, and checks every answer is v1-complete or v2-complete (never
   a mix, never partial; never v1 again once it saw v2). No sleeps: the rebuild thread is held
-  (by test hooks on ``_checkpoint_store`` and on the CURRENT.json write) until the reader has
-  read during the fold and during the switch, and the test waits for reads after it. A live
-  variant appends chunks from inside the rebuild while the runtime folds v1: answers must be
-  complete at a chunk boundary.
+  (by test hooks on ``_checkpoint_store``, on the CURRENT.json write and on the old version's
+  removal) until the reader has read during the fold, inside the switch before and after the
+  commit point, and the test waits for reads after it. A live variant appends chunks from
+  inside the rebuild while the runtime folds v1: every answer must be complete at a frame
+  boundary and never older than the previous one.
+* ``switch=False``: the diff against numpy, then ``switch()``; errors and cancellation leave
+  the serving version serving.
 * Under ``kill -9``: a child process (``CHILD_CODE``) opens the template copy with v1, starts
   the rebuild with a reader thread of its own, prints progress, checkpoint and read lines, and
   is SIGKILLed after a seeded progress line or parked at a crash point (inside a v2 checkpoint
@@ -21,7 +24,7 @@ numpy (``expected``), so "complete" means equal to a full replay, key by key.
   files are byte for byte the template's and v1 answers v1-complete; a rebuild in the parent
   resumes from v2's checkpoint (it folds exactly the actions after it) and ends v2-complete;
   after the commit point, v2 answers v2-complete at once and the old files are gone.
-  ``ENGINE_REBUILD_CRASH_ROUNDS`` (default 4) and ``ENGINE_REBUILD_CRASH_SEED`` choose the run.
+  ``ENGINE_REBUILD_CRASH_ROUNDS`` (default 8) and ``ENGINE_REBUILD_CRASH_SEED`` choose the run.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ from engine.store import Store, StoreState
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
-ROUNDS = int(os.environ.get("ENGINE_REBUILD_CRASH_ROUNDS", "4"))
+ROUNDS = int(os.environ.get("ENGINE_REBUILD_CRASH_ROUNDS", "8"))
 SEED = int(os.environ.get("ENGINE_REBUILD_CRASH_SEED", "515151"))
 USERS, PHOTOS = 3_000, 5_000
 CHUNKS, LIKES_PER_CHUNK, VIEWS_PER_CHUNK = 300, 800, 400  # one frame per type, shard and chunk
@@ -188,11 +191,13 @@ class Reader:
     """A thread reading ``app["photos"]`` without pause; every answer is checked.
 
     ``exp``: the one complete state of each version (get_many and top_k are checked), or
-    ``states``: ``{digest of an answer: version}`` of every state a read may see (get_many)."""
+    ``states``: ``{digest of an answer: (version, step)}`` of every state a read may see
+    (get_many), which must never step back."""
 
     def __init__(self, app: App, exp: dict | None = None, states: dict[bytes, str] | None = None):
         self.app, self.exp, self.states = app, exp, states
         self.counts: Counter = Counter()
+        self.step = -1  # the latest state read (with ``states``)
         self.bad: list[str] = []
         self.cv = threading.Condition()
         self.stop = threading.Event()
@@ -204,7 +209,10 @@ class Reader:
         if self.exp is not None:
             ver = version_of(got, self.exp)
         else:
-            ver = self.states.get(digest(got)) if got.pop("found").all() else None
+            ver, step = self.states.get(digest(got), (None, 0)) if got.pop("found").all() else (None, 0)
+            if ver is not None and step < self.step:
+                return f"bad: {ver} at step {step} after step {self.step}: went back in time"
+            self.step = max(self.step, step)
         if ver is None:
             return f"bad: get_many of v{s.version} is neither version, complete"
         if ver != f"v{s.version}":
@@ -278,8 +286,17 @@ def test_reads_during_a_rebuild_come_from_a_complete_version(template, tmp_path,
                 reader.wait_reads("v1", 10)
                 real_write(p, obj)
 
+            real_remove = rebuild_mod._remove_version
+
+            def remove_version(root: str, version: int) -> None:  # switched, lock still held
+                hold.append(("removal", 1.0, None))
+                assert app["photos"].version == 2 and version == 1
+                reader.wait_reads("v2", 10)
+                real_remove(root, version)
+
             monkeypatch.setattr(App, "_checkpoint_store", checkpoint_store)
             monkeypatch.setattr(rebuild_mod, "write_json_atomic", write_current)
+            monkeypatch.setattr(rebuild_mod, "_remove_version", remove_version)
             rb = app.rebuild(v2(), checkpoint_every_actions=STEP)
             assert rb.total == TOTAL  # known when rebuild() returns
             rb.wait(WAIT_S)
@@ -289,7 +306,7 @@ def test_reads_during_a_rebuild_come_from_a_complete_version(template, tmp_path,
         fr = [f for where, f, _ in hold if where == "ckpt"]
         assert len(fr) == 3 and 0 < fr[0] < fr[1] < fr[2] < 1, hold
         assert all(isinstance(e, float) and e > 0 for where, _, e in hold if where == "ckpt"), hold
-        assert [w for w, _, _ in hold][-1] == "switch"
+        assert [w for w, _, _ in hold][-2:] == ["switch", "removal"]
         assert rb.state == "switched" and rb.fraction == 1.0 and rb.eta_s == 0.0
         assert rb.done == TOTAL  # a full replay: v2 had no checkpoint
         # after the switch: the new version serves, is named, and the old files are gone
@@ -317,10 +334,10 @@ def test_reads_during_a_rebuild_come_from_a_complete_version(template, tmp_path,
         app.close()
     finally:
         log.close()
-    # a restart recovers v2 from the switch's checkpoint (plus the tail)
+    # a restart recovers v2 from its checkpoint (close() took one)
     log, app = open_app(path, v2())
     try:
-        assert app.fold() == 3
+        assert app.fold() == 0
         assert app["photos"].get(7)["likes"] == int(exp["v2"]["likes"][7]) + 3
     finally:
         log.close()
@@ -328,18 +345,21 @@ def test_reads_during_a_rebuild_come_from_a_complete_version(template, tmp_path,
 
 def test_reads_stay_complete_with_live_writes_during_the_rebuild(tmp_path, monkeypatch):
     """One shard, the runtime folding v1 while chunks are appended during the rebuild (from its
-    checkpoints and from inside the switch): every read is complete at a chunk boundary, and
-    v2 ends equal to a full replay, nothing missed or folded twice across the cut."""
+    checkpoints, between its catch-up and the cut, inside the switch): every read is complete
+    at a frame boundary and never older than the one before, and v2 ends equal to a full
+    replay, nothing missed or folded twice across the cut."""
     path = str(tmp_path / "live")
     rng = np.random.default_rng(SEED + 1)
     chunks = [chunk(rng) for _ in range(CHUNKS // 3 + 12)]
     base = CHUNKS // 3
-    states: dict[bytes, str] = {}  # every complete state: after i chunks, or i likes, i-1 views
+    # every complete state, by its step in log order: i chunks (2i), or i likes and i-1 views
+    # (2i - 1: a chunk is a frame of likes, then one of views); v1 ignores views (lower step)
+    states: dict[bytes, tuple[str, int]] = {}
     for i in range(base, len(chunks) + 1):
         for views in (i - 1, i):
             exp = answers([c[0] for c in chunks[:i]], [c[1] for c in chunks[:views]])
-            states[digest(exp["v1"])] = "v1"
-            states[digest(exp["v2"])] = "v2"
+            states.setdefault(digest(exp["v1"]), ("v1", i + views))
+            states[digest(exp["v2"])] = ("v2", i + views)
     final = answers([c[0] for c in chunks], [c[1] for c in chunks])
     with en.open(path, TYPES, shards=1, durability="none", limits=LIMITS) as log:
         for lk, vw in chunks[:base]:  # one frame per chunk: a read sees it whole or not at all
@@ -360,10 +380,17 @@ def test_reads_stay_complete_with_live_writes_during_the_rebuild(tmp_path, monke
         real_ckpt = App._checkpoint_store
 
         def checkpoint_store(self: App, store: Store) -> None:
-            if store.version == 2:
+            if store.version == 2 and len(pending) > 3:  # appended while v2 folds
                 append_one()
                 append_one()
             real_ckpt(self, store)
+
+        real_catch_up = rebuild_mod.Rebuild._catch_up
+
+        def catch_up(self: Any, tick: Any) -> None:
+            real_catch_up(self, tick)
+            append_one()  # between the catch-up and the cut: the cut must fold them into v2
+            append_one()
 
         real_write = rebuild_mod.write_json_atomic
 
@@ -371,8 +398,16 @@ def test_reads_stay_complete_with_live_writes_during_the_rebuild(tmp_path, monke
             append_one()  # lands after the cut: the runtime folds it into v2 after the switch
             real_write(p, obj)
 
+        real_remove = rebuild_mod._remove_version
+
+        def remove_version(root: str, version: int) -> None:
+            reader.wait_reads("v2", 5)  # the fold lock is still held: v2 exactly at the cut
+            real_remove(root, version)
+
         monkeypatch.setattr(App, "_checkpoint_store", checkpoint_store)
         monkeypatch.setattr(rebuild_mod, "write_json_atomic", write_current)
+        monkeypatch.setattr(rebuild_mod, "_remove_version", remove_version)
+        monkeypatch.setattr(rebuild_mod.Rebuild, "_catch_up", catch_up)
         monkeypatch.setattr(rebuild_mod, "CATCH_UP_LAG", 3_000)  # the cut folds some under the lock
         app.start()
         try:
@@ -430,7 +465,7 @@ def test_compare_before_switching_then_switch(template, tmp_path):
         same = Store("photos", key="photo", columns={"likes": np.int64, "w": np.int64},
                      reducers={"like": [r.count("likes"), r.sum("w", "w")],
                                "view": [r.count("likes")]}, version=3)
-        rb3 = app.rebuild(same).wait(WAIT_S)
+        rb3 = app.rebuild(same, progress=True).wait(WAIT_S)  # with a progress bar
         assert rb3.diff.equal and "identical" in str(rb3.diff), str(rb3.diff)
         assert rb3.diff.compared == ["likes", "w"]
         assert app["photos"].version == 3 and stores_listing(path) == ["CURRENT.json", "v3"]
@@ -501,3 +536,269 @@ def test_rebuild_errors_leave_the_serving_version(template, tmp_path):
         app.close()
     finally:
         log.close()
+
+
+# The child runs schema(), v1(), v2() (their source), then this until it is killed.
+CHILD = r"""
+import os, sys, threading
+from engine import app as app_mod, rebuild as rebuild_mod
+
+TYPES, LIMITS = schema()
+path, park, expected = sys.argv[1], sys.argv[2], sys.argv[3]
+kind, _, arg = park.partition(":")
+exp = np.load(expected)
+V = {"v1": {"likes": exp["v1_likes"]}, "v2": {"likes": exp["v2_likes"], "w": exp["v2_w"]}}
+keys = np.arange(len(exp["v1_likes"]))
+
+
+def say(line):
+    os.write(1, (line + "\n").encode())  # one write per line: lines never interleave
+
+
+reads = {"v1": 0, "v2": 0}
+cv = threading.Condition()
+
+
+def park_here(what):
+    need = "v2" if what in ("retire", "switched") else "v1"
+    with cv:  # the reader reads on while this thread is parked (the fold lock held, or not)
+        goal = reads[need] + 3
+        cv.wait_for(lambda: reads[need] >= goal, 30)
+    say(f"parked {what}")
+    os.read(0, 1)  # stdin is a pipe nobody writes to: wait here for SIGKILL
+    os._exit(3)
+
+
+n_ckpt = 0
+real_ckpt = App._checkpoint_store
+
+
+def checkpoint_store(self, store):
+    global n_ckpt
+    n_ckpt += store.version == 2
+    real_ckpt(self, store)
+    if store.version == 2:
+        say(f"ckpt {n_ckpt} {sum(st.offset for st in store.shards)}")
+
+
+real_manifest = app_mod.write_json_atomic
+
+
+def write_manifest(p, obj):  # a v2 generation is written and fsync'd; its manifest is not
+    if kind == "ckpt" and obj.get("version") == 2 and n_ckpt == int(arg):
+        park_here(f"ckpt {n_ckpt}")
+    real_manifest(p, obj)
+
+
+real_apply = rebuild_mod.Rebuild._apply
+batches = 0
+
+
+def apply(self, shard, batch):
+    global batches
+    n = real_apply(self, shard, batch)
+    batches += 1
+    if batches % 20 == 0:
+        say(f"progress {self.done} {self.total} {self.fraction:.4f}")
+    return n
+
+
+App._checkpoint_store = checkpoint_store
+app_mod.write_json_atomic = write_manifest
+rebuild_mod.Rebuild._apply = apply
+if kind == "current":  # in the switch: v2 checkpointed at the cut, CURRENT.json not written
+    rebuild_mod.write_json_atomic = lambda p, obj: park_here("current")
+if kind == "retire":  # CURRENT.json names v2, v1's directory renamed but not removed
+    rebuild_mod.fsync_dir = lambda d: park_here("retire")
+
+log = en.open(path, TYPES, durability="none", limits=LIMITS)
+app = App(log, [v1()], checkpoint_every_actions=None, checkpoint_every_s=None)
+
+
+def reader():
+    seen = set()
+    while True:
+        s = app["photos"]
+        got = s.get_many(keys)
+        found = got.pop("found").all()
+        ver = f"v{s.version}"
+        if not (found and got.keys() == V[ver].keys()
+                and all(np.array_equal(got[c], V[ver][c]) for c in got)):
+            say(f"bad-read {ver}")
+            return
+        if ver not in seen:
+            seen.add(ver)
+            say(f"read {ver}")
+        with cv:
+            reads[ver] += 1
+            cv.notify_all()
+
+
+threading.Thread(target=reader, daemon=True).start()
+with cv:
+    cv.wait_for(lambda: reads["v1"] >= 1, 30)  # the reader reads from before the rebuild on
+rb = app.rebuild(v2(), checkpoint_every_actions=int(sys.argv[4]))
+say(f"started {rb.total}")
+rb.wait()
+say(f"switched {rb.done}")
+park_here("switched")
+"""
+CHILD_HEAD = """from __future__ import annotations
+import numpy as np
+import engine as en
+from engine import reducers as r
+from engine.app import App
+from engine.store import Store
+"""
+CHILD_CODE = "\n\n".join([CHILD_HEAD] + [inspect.getsource(f) for f in (schema, v1, v2)] + [CHILD])
+
+
+def child_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+
+
+def tree_digest(path: str) -> dict[str, str]:
+    out = {}
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            with open(os.path.join(root, f), "rb") as fh:
+                out[os.path.relpath(os.path.join(root, f), path)] = hashlib.sha1(fh.read()).hexdigest()
+    return out
+
+
+def run_child(path: str, park: str, expected: str, where: str, stats: Counter) -> list[str]:
+    """Start a rebuilding child in ``path``; SIGKILL it after the ``progress:K``-th progress
+    line, or where it parks. Returns its output lines."""
+    kind, _, arg = park.partition(":")
+    p = subprocess.Popen([sys.executable, "-c", CHILD_CODE, path, park, expected, str(STEP)],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env=child_env(), cwd=ROOT)
+    lines: list[str] = []
+    progress = 0
+    killed = "early"
+    try:
+        for raw in p.stdout:  # synchronize on the pipe: kill right after the chosen line
+            line = raw.decode().strip()
+            lines.append(line)
+            if line.startswith("bad-read"):
+                break
+            if line.startswith("progress"):
+                progress += 1
+                if kind == "progress" and progress == int(arg):
+                    killed = "at-progress"
+                    break
+            if line.startswith("parked"):
+                killed = f"parked-{line.split()[1]}"
+                break
+        else:
+            raise AssertionError(f"{where}: the child exited by itself (code {p.wait()}): "
+                                 f"{p.stderr.read().decode()[-3000:]}")
+        os.kill(p.pid, signal.SIGKILL)
+    finally:
+        if p.poll() is None:
+            os.kill(p.pid, signal.SIGKILL)
+        code = p.wait()
+        lines += [x.strip() for x in p.stdout.read().decode().splitlines()]
+        for f in (p.stdin, p.stdout):
+            f.close()
+        err = p.stderr.read().decode()
+        p.stderr.close()
+    assert code == -signal.SIGKILL, f"{where}: the child ended with {code}: {err[-3000:]}"
+    assert not [x for x in lines if x.startswith("bad-read")], (
+        f"{where}: the child read an incomplete version: {lines[-5:]}")
+    assert "read v1" in lines, f"{where}: the child never read: {lines[-5:]}"
+    stats[f"killed-{killed}"] += 1
+    if killed in ("parked-retire", "parked-switched"):
+        assert "read v2" in lines, f"{where}: the child never read v2 after its switch"
+    return lines
+
+
+def v2_checkpoint(path: str) -> int:
+    """Actions in v2's checkpoint (0 if it has none)."""
+    man = os.path.join(path, "stores", "photos", "v2", MANIFEST)
+    if not os.path.exists(man):
+        return 0
+    with open(man) as f:
+        return sum(json.load(f)["offsets"])
+
+
+def check_after_kill(path: str, exp: dict, v1_files: dict, where: str, stats: Counter,
+                     rebuild: bool) -> None:
+    """The directory a child was killed in: the serving version complete, its files intact;
+    with ``rebuild``, a rebuild in this process resumes and switches."""
+    cur = current_of(path)
+    v1_dir = os.path.join(path, "stores", "photos", "v1")
+    if cur is not None:  # killed after the commit point: v2 serves, v1 goes
+        assert cur == {"store": "photos", "version": 2, "retired": 1}, f"{where}: {cur}"
+        stats["after-commit"] += 1
+        log, app = open_app(path, v2())
+        try:
+            assert stores_listing(path) == ["CURRENT.json", "v2"], f"{where}: old files remain"
+            assert version_of(app["photos"].get_many(KEYS), exp) == "v2", where
+            assert app.fold() == 0, f"{where}: v2 was not checkpointed at the cut"
+        finally:
+            app._pool.shutdown()
+            log.close()
+        return
+    assert tree_digest(v1_dir) == v1_files, f"{where}: v1's files changed"
+    ckpt = v2_checkpoint(path)
+    stats["v2-checkpoint-found" if ckpt else "no-v2-checkpoint"] += 1
+    log, app = open_app(path, v1())
+    try:
+        assert version_of(app["photos"].get_many(KEYS), exp) == "v1", f"{where}: v1 not complete"
+        assert app.fold() == 0, where
+        if not rebuild:
+            return
+        rb = app.rebuild(v2(), checkpoint_every_actions=STEP).wait(WAIT_S)
+        assert rb.state == "switched", where
+        assert rb.done == TOTAL - ckpt, f"{where}: folded {rb.done}, checkpoint had {ckpt} of {TOTAL}"
+        stats["resumed" if 0 < ckpt else "replayed"] += 1
+        assert version_of(app["photos"].get_many(KEYS), exp) == "v2", f"{where}: v2 not complete"
+        assert stores_listing(path) == ["CURRENT.json", "v2"], where
+        assert current_of(path) == {"store": "photos", "version": 2, "retired": 1}, where
+        app.close()
+    finally:
+        log.close()
+    log, app = open_app(path, v2())  # the switch's checkpoint is v2 at the log's end
+    try:
+        assert app.fold() == 0 and version_of(app["photos"].get_many(KEYS), exp) == "v2", where
+    finally:
+        app._pool.shutdown()
+        log.close()
+
+
+def plan(rnd: int, rng: random.Random) -> list[str]:
+    """The kills of one round: one at a crash point (each kind in turn), sometimes a second
+    (a resumed rebuild killed again) before the parent's check."""
+    first = ["ckpt", "progress", "current", "retire"][rnd % 4]
+    points = {"ckpt": f"ckpt:{1 if rnd == 0 else rng.randint(1, 6)}", "progress": f"progress:{rng.randint(1, 55)}",
+              "current": "current", "retire": "retire"}
+    kills = [points[first]]
+    if first in ("ckpt", "progress") and (rnd < 4 or rng.random() < 0.5):
+        kills.append(points["progress"] if first == "ckpt" else f"ckpt:{rng.randint(1, 3)}")
+    return kills
+
+
+@pytest.mark.timeout(300)
+def test_kill9_mid_rebuild_never_harms_the_serving_version(template, tmp_path):
+    exp = template[1]
+    expected = str(tmp_path / "expected.npz")
+    np.savez(expected, v1_likes=exp["v1"]["likes"], v2_likes=exp["v2"]["likes"],
+             v2_w=exp["v2"]["w"])
+    v1_files = tree_digest(os.path.join(template[0], "stores", "photos", "v1"))
+    assert any(f.endswith(".bin") for f in v1_files)
+    stats: Counter = Counter()
+    for rnd in range(ROUNDS):
+        rng = random.Random(f"{SEED}:{rnd}")
+        path = copy_of(template, tmp_path, f"round-{rnd}")
+        kills = plan(rnd, rng)
+        for i, park in enumerate(kills):
+            where = f"ENGINE_REBUILD_CRASH_SEED={SEED} round {rnd} kill {i} ({park})"
+            run_child(path, park, expected, where, stats)
+            check_after_kill(path, exp, v1_files, where, stats, rebuild=i == len(kills) - 1)
+        shutil.rmtree(path)
+    print(f"\nrebuild crash rounds={ROUNDS} seed={SEED}: {dict(sorted(stats.items()))}")
+    if ROUNDS >= 4:  # every crash point was reached, and a rebuild resumed from a checkpoint
+        for k in ("killed-parked-ckpt", "killed-parked-current", "killed-parked-retire",
+                  "killed-at-progress", "after-commit", "resumed", "no-v2-checkpoint"):
+            assert stats[k] >= 1, stats
