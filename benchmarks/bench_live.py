@@ -177,7 +177,10 @@ def test_subscriptions(benchmark: Any, fold_logs: Any, sizes: Sizes, dist: str, 
 # =============================================================================================
 # latency: dispatch -> subscriber callback through the live runtime
 # =============================================================================================
-def test_latency(benchmark: Any, tmp_path: Any, sizes: Sizes) -> None:
+@pytest.mark.parametrize("mode", ["runtime", "sync"])
+def test_latency(benchmark: Any, tmp_path: Any, sizes: Sizes, mode: str) -> None:
+    """``runtime``: the background runtime folds and calls back (two thread hand-offs);
+    ``sync``: ``app.dispatch_sync`` folds in the caller's thread."""
     log = en.open(str(tmp_path / "lat"), [EV], shards=1, durability="none", limits=LIMITS)
     app = en.App(log, [agg_store()], checkpoint_every_actions=None, checkpoint_every_s=None)
     fired = threading.Event()
@@ -188,7 +191,9 @@ def test_latency(benchmark: Any, tmp_path: Any, sizes: Sizes) -> None:
         fired.set()
 
     app.subscribe("agg", key=1, column="n", callback=on_change, deliver="inline")
-    app.start()
+    sync = mode == "sync"
+    if not sync:
+        app.start()
     lat: list[np.ndarray] = []
 
     def run() -> int:
@@ -196,14 +201,14 @@ def test_latency(benchmark: Any, tmp_path: Any, sizes: Sizes) -> None:
         for i in range(sizes.latency_actions):
             fired.clear()
             t0 = time.perf_counter_ns()
-            app.dispatch("ev", k=1, v=i)
+            (app.dispatch_sync if sync else app.dispatch)("ev", k=1, v=i)
             if not fired.wait(10):
                 raise AssertionError(f"no callback for action {i} within 10 s")
             out[i] = stamp[0] - t0
         lat.append(out)
         return sizes.latency_actions
 
-    _tag(benchmark, "latency", "engine", sizes.latency_actions)
+    _tag(benchmark, "latency", "engine", sizes.latency_actions, mode=mode)
     benchmark.pedantic(run, rounds=sizes.latency_rounds, warmup_rounds=1 if sizes.latency_rounds > 1 else 0,
                        iterations=1)
     us = np.concatenate(lat[-sizes.latency_rounds:]) / 1000

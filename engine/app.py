@@ -220,6 +220,19 @@ class App:
         self._wake.set()
         return Receipt({shard: off})
 
+    def dispatch_sync(self, type_name: str, /, **fields: Any) -> Receipt:
+        """Flux's synchronous dispatch: append the action, then fold its shard in this thread
+        before returning (stores updated, inline subscribers called, derivations run), so the
+        caller reads its own write with no wait — the lowest-latency path."""
+        off = self.log.dispatch(type_name, **fields)
+        shard = 0 if self.log.shards == 1 else self.log.shard_of(
+            type_name, fields[self.log.schema[type_name].partition])
+        with self._fold_lock:
+            with self.log._lock:
+                self.log._flush_pending_locked()
+            self._fold_shard(shard, None)
+        return Receipt({shard: off})
+
     def append(self, type_name: str, columns: Any) -> Receipt:
         """``log.append`` that returns a :class:`Receipt` and wakes the runtime."""
         out = self.log.append(type_name, columns)

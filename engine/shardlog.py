@@ -47,7 +47,10 @@ from .frame import (
     read_header,
     write_frame,
 )
+from .frame import TYPE_COLUMN_FIELD, Var
 from .segment import SEG_HEADER_BYTES, Segment, SegmentState, seg_name
+
+TAIL_ROWS = 256  # frames this small are kept as written for the next read
 
 _codec = load("codec")
 
@@ -65,6 +68,7 @@ class ShardLog:
         self.shard = shard
         self.segment_bytes = segment_bytes
         self.writable = writable
+        self._tail: tuple[Any, int, Batch] | None = None  # (segment, position, batch) of the newest small frame
         self.schema = schema
         self.dicts = dicts
         self.segments: list[Segment] = []
@@ -231,8 +235,12 @@ class ShardLog:
         assert seg.state is SegmentState.OPEN and length <= seg.room(), seg.path
         first = seg.next_offset
         pos = seg.end_pos
-        written = write_frame(seg.mm, pos, first, count, ntypes, columns, clock.time_ns())
+        ts = clock.time_ns()
+        written = write_frame(seg.mm, pos, first, count, ntypes, columns, ts)
         seg.add_frame(pos, written, first, count)
+        # the newest small frame, kept as written: the live runtime reads it back at once and
+        # skips decoding (copies: the caller may reuse its arrays)
+        self._tail = (seg, pos, _tail_batch(self, columns, first, count, ts)) if count <= TAIL_ROWS else None
         return first
 
     def roll(self) -> None:
@@ -301,7 +309,11 @@ class ShardLog:
                     last = int(firsts[fi + 1])
                 elif sealed:
                     last = sealed_end
-                batch = self._frame(seg, int(positions[fi]), verify, int(firsts[fi]), last)
+                tail = self._tail
+                if tail is not None and tail[0] is seg and tail[1] == positions[fi]:
+                    batch = tail[2]
+                else:
+                    batch = self._frame(seg, int(positions[fi]), verify, int(firsts[fi]), last)
                 fi += 1
                 if batch.end_offset <= pos_off:
                     continue
@@ -376,3 +388,26 @@ class ShardLog:
             seg.close()
         self.segments = []
         self._bases = []
+
+
+def _tail_batch(sl: "ShardLog", columns: Sequence[ColumnSpec], first: int, count: int,
+                ts: int) -> Batch:
+    """A Batch over copies of the columns just written (what decoding the frame would give)."""
+    cols: dict[int, dict[int, Any]] = {}
+    types = None
+    for c in columns:
+        v = c.values
+        if c.field_index == TYPE_COLUMN_FIELD:
+            types = _frozen(np.asarray(v, np.uint16))
+        elif hasattr(v, "offsets"):
+            cols.setdefault(c.type_id, {})[c.field_index] = Var(_frozen(np.asarray(v.offsets, np.int32)),
+                                                               _frozen(np.asarray(v.data, np.uint8)))
+        else:
+            cols.setdefault(c.type_id, {})[c.field_index] = _frozen(v)
+    return Batch(sl.shard, first, first + count, ts, sl.schema, types, cols, 0, count, sl.dicts)
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    out = np.array(a, copy=True)
+    out.flags.writeable = False
+    return out

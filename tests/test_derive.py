@@ -6,10 +6,8 @@ each post into ``1 + photo % FANOUT`` ``feed_add`` rows whose users are a pure f
 post's key ids (``expected_fan``, a plain-Python twin), so they land on both shards; ``notify``
 derives one row from each ``feed_add`` (a second level: its provenance points at derived rows).
 Small limits (64 actions a frame) make one derived append span several frames, so a crash can
-cut it between two frames. Segments (8 MiB) are large enough that none rolls: a fold that reads a
-shard while another thread's append rolls its segment raises a spurious CorruptLogError (the
-``ShardLog.read`` race pinned by ``test_reading_a_shard_while_its_segment_rolls``); shrink them to
-crash inside rolls too once that is fixed.
+cut it between two frames; 256 KiB segments make derived appends roll segments that other
+shards' fold threads are reading (``test_reading_a_shard_while_its_segment_rolls``).
 
 ``check_rows`` reads a whole directory back and checks, for every derived row: its provenance
 names an existing source row, its content is the twin's, it is on the shard its partition key
@@ -67,14 +65,14 @@ FRAME_ROWS = 64  # Limits.frame_actions_max below
 
 
 def schema() -> tuple[list[en.ActionType], en.Limits]:
-    """The app's action types and limits (64 actions a frame; segments that never roll)."""
+    """The app's action types and limits (64 actions a frame, 256 KiB segments)."""
     return [
         en.ActionType("join", {"user": en.key("user")}, partition="user"),
         en.ActionType("post", {"user": en.key("user"), "photo": en.key("photo")}, partition="user"),
         en.derived("feed_add", {"user": en.key("user"), "photo": en.key("photo"), "j": en.int64},
                    partition="user"),
         en.derived("notify", {"user": en.key("user"), "photo": en.key("photo")}, partition="user"),
-    ], en.Limits(frame_actions_max=64, segment_bytes=8 << 20)
+    ], en.Limits(frame_actions_max=64, segment_bytes=256 << 10)
 
 
 def fan(rows: Any, views: Any) -> dict[str, np.ndarray]:
@@ -505,13 +503,11 @@ def test_kill9_between_frames_of_a_derived_append(tmp_path: Any, durability: str
         app.close()
 
 
-@pytest.mark.xfail(strict=True, raises=en.CorruptLogError, reason=(
-    "ShardLog.read takes a segment's frame index once but reads seg.state per frame: when the "
-    "segment is sealed by a roll meanwhile, the snapshot's last frame is checked against the "
-    "sealed segment's next_offset. Fix: read state/next_offset before frame_index()"))
 def test_reading_a_shard_while_its_segment_rolls(tmp_path: Any) -> None:
     """What a fold meets when a derivation (another shard's thread) or a writer appends to the
-    shard it is reading and rolls its segment: the read must go on, not report corruption."""
+    shard it is reading and rolls its segment: the read goes on to the end it started with.
+    (It raised CorruptLogError: the index snapshot's last frame was checked against the end
+    of the segment sealed meanwhile; the kill -9 test hit it within a few rounds.)"""
     ev = en.ActionType("ev", {"k": en.int64, "v": en.int64}, partition="k")
     with en.open(str(tmp_path), [ev], durability="none",
                  limits=en.Limits(segment_bytes=64 << 10)) as log:
@@ -522,8 +518,8 @@ def test_reading_a_shard_while_its_segment_rolls(tmp_path: Any) -> None:
         first = log.shard_logs[0].segments[0]
         while log.shard_logs[0].segments[-1] is first:  # more frames, then a roll
             log.append("ev", {"k": np.arange(500), "v": np.arange(500)})
-        rest = [(b.first_offset, b.end_offset) for b in reader]
-        assert rest[0] == (10, 20) and rest[-1][1] == log.end_offset(0)
+        assert log.end_offset(0) > 20
+        assert [(b.first_offset, b.end_offset) for b in reader] == [(10, 20)]
 
 
 # -- the DAG: cycles and schema checks ---------------------------------------------------------
