@@ -64,6 +64,15 @@ def _nkeys_arg(nkeys: Any) -> int:
     return n
 
 
+def _limit_arg(limit: Any) -> int:
+    """``limit`` of get_many: None (every value, -1 inside) or an int >= 0."""
+    if limit is None:
+        return -1
+    if isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or int(limit) < 0:
+        raise ValueError(f"limit must be None or an int >= 0, got {limit!r}")
+    return min(int(limit), (1 << 62))
+
+
 def _seed_arg(seed: Any) -> int | None:
     return None if seed is None else operator.index(seed)
 
@@ -105,10 +114,14 @@ class MultiMap:
         """A copy of ``key``'s values in insertion order (empty if unknown)."""
         return np.array(self._lists.get(_key_arg(key), ()), dtype=np.int64)
 
-    def get_many(self, keys: Any) -> tuple[np.ndarray, np.ndarray]:
-        """CSR: ``values[offsets[i]:offsets[i + 1]]`` are the values of ``keys[i]``."""
+    def get_many(self, keys: Any, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """CSR: ``values[offsets[i]:offsets[i + 1]]`` are the values of ``keys[i]`` (its first
+        ``limit`` values when given)."""
         ks = _int64_column(keys, "keys").tolist()
+        lim = _limit_arg(limit)
         lists = [self._lists.get(k, []) for k in ks]
+        if lim >= 0:
+            lists = [x[:lim] for x in lists]
         offsets = np.zeros(len(ks) + 1, dtype=np.int64)
         np.cumsum([len(x) for x in lists], out=offsets[1:])
         flat = [x for lst in lists for x in lst]

@@ -329,7 +329,7 @@ class App:
     def subscribe(self, store: str, *, key: Any = None, keys: Any = None, column: str | None = None,
                   top: int | None = None, query: Callable[[Store], Any] | None = None,
                   callback: Callable[[Any], Any] | None = None, maxsize: int = 64,
-                  deliver: str = "thread") -> Subscription:
+                  deliver: str = "thread", every_s: float = 0.0) -> Subscription:
         """Be told when an answer of ``store`` changes.
 
         One of: ``key=k, column=c`` (a :class:`Change` per change), ``keys=[...], column=c``
@@ -338,6 +338,7 @@ class App:
         ``callback`` (on the subscription's own thread, or ``deliver="inline"`` in the folding
         thread), or iterate the subscription (``for`` / ``async for`` / ``next``). At most
         ``maxsize`` notifications wait; beyond that they are conflated to the latest answers.
+        ``every_s`` throttles top-k and query answers: evaluated at most that often.
         """
         st = self[store]
         st._check_readable()
@@ -366,7 +367,7 @@ class App:
             else:
                 kind = "query"
             sub = Subscription(self.hub, store, kind, query=query, callback=callback,
-                               maxsize=maxsize, deliver=deliver)
+                               maxsize=maxsize, deliver=deliver, every_s=every_s)
             self.hub.add_query(sub, st)
         sub._start()
         return sub

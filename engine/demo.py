@@ -50,7 +50,7 @@ FANOUT_MAX = 100  # followers a post is pushed to; a celebrity's other followers
 def fan_out(rows: DerivationInput, views: Mapping[str, StoreView]) -> dict[str, np.ndarray]:
     """post × the author's followers → one ``feed_add`` per follower (at most FANOUT_MAX)."""
     authors = rows.column("user")
-    offsets, followers = views["followers"].lists("followers", authors)
+    offsets, followers = views["followers"].lists("followers", authors, FANOUT_MAX)
     return fan_out_rows(offsets, followers, rows.column("photo"), FANOUT_MAX)
 
 
@@ -125,18 +125,14 @@ class _Live:
     def __init__(self, con: Console, app: App, users: list[int], feed_lines: int = 9):
         self.con, self.app, self.users = con, app, users
         self.feed_left = feed_lines
-        self.last_top = 0.0
         self.lock = threading.Lock()
-        self.subs = [app.subscribe("photo_likes", top=5, column="likes", callback=self.on_top)]
+        self.subs = [app.subscribe("photo_likes", top=5, column="likes", callback=self.on_top,
+                                   every_s=0.5)]
         for u in users:
-            self.subs.append(app.subscribe("feeds", query=_feed_of(u), callback=self._on_feed(u)))
+            self.subs.append(app.subscribe("feeds", query=_feed_of(u), callback=self._on_feed(u),
+                                           every_s=0.2))
 
     def on_top(self, ch: Any) -> None:
-        now = time.monotonic()
-        with self.lock:
-            if now - self.last_top < 0.5:
-                return
-            self.last_top = now
         top = ", ".join(f"#{k}: {v:,}" for k, v in ch.new)
         self.con.print(f"[cyan]trending now[/cyan] {top}")
 

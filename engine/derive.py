@@ -96,10 +96,12 @@ class StoreView:
     def get_ids(self, ids: np.ndarray) -> dict[str, np.ndarray]:
         return self._store.read_ids(np.asarray(ids, np.int64))
 
-    def lists(self, column: str, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """A multimap column for many key ids as CSR: ``values[offsets[i]:offsets[i+1]]``."""
+    def lists(self, column: str, ids: np.ndarray, limit: int | None = None
+              ) -> tuple[np.ndarray, np.ndarray]:
+        """A multimap column for many key ids as CSR: ``values[offsets[i]:offsets[i+1]]``
+        (each key's first ``limit`` values per shard when given)."""
         ids = np.ascontiguousarray(ids, np.int64)
-        parts = [st.multimaps[column].get_many(ids) for st in self._store.shards]
+        parts = [st.multimaps[column].get_many(ids, limit) for st in self._store.shards]
         if len(parts) == 1:
             return parts[0]
         counts = [np.diff(off) for off, _ in parts]

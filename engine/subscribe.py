@@ -31,6 +31,7 @@ import asyncio
 import collections
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -171,7 +172,7 @@ class Subscription:
                  ids: np.ndarray | None = None, single: Any = None,
                  query: Callable[[Any], Any] | None = None,
                  callback: Callable[[Any], Any] | None = None, maxsize: int = 64,
-                 deliver: str = "thread"):
+                 deliver: str = "thread", every_s: float = 0.0):
         if deliver not in ("thread", "inline"):
             raise ValueError("deliver is 'thread' (own thread, default) or 'inline' (in the fold)")
         if maxsize < 1:
@@ -191,6 +192,8 @@ class Subscription:
         self._pending: collections.deque[Any] = collections.deque()
         self._cv = threading.Condition(threading.Lock())
         self._dirty = False
+        self.every_s = float(every_s)  # query answers: evaluated at most this often
+        self._next_eval = 0.0
         self._answer: Any = None
         self._answer_at: Any = None
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
@@ -230,7 +233,11 @@ class Subscription:
         if self._pending:
             return self._pending.popleft()
         if self._dirty:
+            now = time.monotonic()
+            if now < self._next_eval:
+                return None  # throttled: the waiting loop comes back at _next_eval
             self._dirty = False
+            self._next_eval = now + self.every_s
             self._cv.release()
             try:
                 item = self._evaluate()
@@ -238,6 +245,9 @@ class Subscription:
                 self._cv.acquire()
             return item
         return None
+
+    def _retry_in(self) -> float | None:
+        return max(0.0, self._next_eval - time.monotonic()) if self._dirty else None
 
     def _evaluate(self) -> Any:
         answer, at = self.hub.evaluate(self)
@@ -306,7 +316,7 @@ class Subscription:
             with self._cv:
                 item = self._take_locked()
                 while item is None and not self.closed:
-                    self._cv.wait()
+                    self._cv.wait(self._retry_in())
                     item = self._take_locked()
                 if item is None:
                     return

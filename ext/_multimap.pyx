@@ -32,7 +32,7 @@ import os
 import numpy as np
 
 from engine._multimap_py import KEY_MAX, _int64_column, _key_arg, _nkeys_arg, _pairs_args
-from engine._multimap_py import _seed_arg
+from engine._multimap_py import _limit_arg, _seed_arg
 
 __all__ = ["MultiMap", "KEY_MAX"]
 
@@ -267,12 +267,14 @@ cdef class MultiMap:
             added[i] = 1
         return -1
 
-    cdef int64_t _copy_values(self, int64_t key, int64_t* out) noexcept nogil:
-        """key's values into out (room for chains[key].length); returns how many."""
+    cdef int64_t _copy_values(self, int64_t key, int64_t* out, int64_t limit=-1) noexcept nogil:
+        """key's first ``limit`` values (all when < 0) into out; returns how many."""
         cdef Chain* c = &self.chains[key]
         cdef int64_t b = c.head, count, done = 0
-        while b != 0:
+        while b != 0 and done != limit:
             count = self.pool[b + 1] if b != c.tail else c.used
+            if limit >= 0 and count > limit - done:
+                count = limit - done
             memcpy(&out[done], &self.pool[b + HEADER], count * sizeof(int64_t))
             done += count
             b = self.pool[b]
@@ -355,13 +357,15 @@ cdef class MultiMap:
         self._copy_values(k, _data(out))
         return out
 
-    def get_many(self, keys):
-        """CSR: ``values[offsets[i]:offsets[i + 1]]`` are the values of ``keys[i]``."""
+    def get_many(self, keys, limit=None):
+        """CSR: ``values[offsets[i]:offsets[i + 1]]`` are the values of ``keys[i]`` (its first
+        ``limit`` values when given)."""
         cdef const int64_t[::1] kv = _int64_column(keys, "keys")
         cdef Py_ssize_t i, n = kv.shape[0]
+        cdef int64_t lim = _limit_arg(limit)
         offsets = np.empty(n + 1, dtype=np.int64)
         cdef int64_t[::1] off = offsets
-        cdef int64_t k
+        cdef int64_t k, m
         cdef int64_t[::1] vals
         self._enter()   # held across both passes: no add can run in between
         try:
@@ -373,8 +377,8 @@ cdef class MultiMap:
                         if 0 <= k < self.keys_max:
                             ENGINE_PREFETCH(&self.chains[k])
                     k = kv[i]
-                    off[i + 1] = off[i] + (self.chains[k].length
-                                           if 0 <= k < self.keys_max else 0)
+                    m = self.chains[k].length if 0 <= k < self.keys_max else 0
+                    off[i + 1] = off[i] + (m if lim < 0 or m < lim else lim)
             values = np.empty(off[n], dtype=np.int64)
             vals = values
             with nogil:
@@ -384,7 +388,7 @@ cdef class MultiMap:
                         if off[i + PREFETCH_AHEAD + 1] > off[i + PREFETCH_AHEAD]:
                             ENGINE_PREFETCH(&self.pool[self.chains[k].head])
                     if off[i + 1] > off[i]:
-                        self._copy_values(kv[i], &vals[off[i]])
+                        self._copy_values(kv[i], &vals[off[i]], lim)
         finally:
             self._leave()
         return offsets, values

@@ -457,7 +457,9 @@ def test_kill9_derives_exactly_once(tmp_path: Any, durability: str) -> None:
         assert app.fold() == 0
         assert app.derivations["fan"].emitted == app.derivations["notify"].emitted == 0
         app.close()
-    print(f"\nderive kill -9 seed={SEED} {durability}: {dict(sorted(stats.items()))} {got}")
+    segments = sum(name.endswith(".seg") for _, _, names in os.walk(path) for name in names)
+    print(f"\nderive kill -9 seed={SEED} {durability}: {dict(sorted(stats.items()))} {got}, "
+          f"{segments} segments")
     assert stats["appended"] >= ROUNDS and got["feed_add"] > 0, stats
     if ROUNDS >= 4:  # restarts found derived rows past the checkpoint to drop
         assert stats["recovered-with-marks"] >= 1, stats

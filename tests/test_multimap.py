@@ -205,3 +205,29 @@ def test_native_big_map_equals_twin_and_keeps_reference_counts():
     probes = np.arange(-1, 50_002, dtype=np.int64)
     assert all((x == y).all() for x, y in zip(a.get_many(probes), b.get_many(probes)))
     assert all((x == y).all() for x, y in zip(a.pairs(), b.pairs()))
+
+
+@pytest.mark.parametrize("limit", [0, 1, 3, 5000, None])
+def test_get_many_limit_keeps_each_keys_first_values(limit):
+    rng = np.random.default_rng(5)
+    keys = rng.integers(0, 40, 20_000)
+    vals = rng.integers(-10**12, 10**12, 20_000)
+    ask = np.array([3, -1, 39, 3, 1_000_000, 0], np.int64)
+    got = []
+    for mod in (native, twin):
+        m = mod.MultiMap()
+        m.add(keys, vals, distinct=False)
+        off, out = m.get_many(ask, limit)
+        for i, k in enumerate(ask.tolist()):
+            full = m.get(k) if k >= 0 else np.empty(0, np.int64)
+            want = full if limit is None else full[:limit]
+            assert out[off[i]:off[i + 1]].tolist() == want.tolist()
+        got.append((off.tolist(), out.tolist()))
+    assert got[0] == got[1]
+
+
+@pytest.mark.parametrize("mod", [native, twin])
+@pytest.mark.parametrize("limit", [-1, 1.5, True, "3"])
+def test_get_many_rejects_a_bad_limit(mod, limit):
+    with pytest.raises(ValueError, match="limit"):
+        mod.MultiMap().get_many(np.array([1], np.int64), limit)
