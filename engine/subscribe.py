@@ -67,7 +67,8 @@ class Changes:
     """Many keys' answers changed (arrays, one entry per key, each key once).
 
     ``ids`` are interned key ids, ``keys`` the raw keys (computed on first use), ``old`` and
-    ``new`` the answers, ``shards`` and ``offsets`` where each change was seen.
+    ``new`` the answers, ``shards`` and ``offsets`` where each change was seen (-1 and -1:
+    a blue/green switch to a new version of the store changed the answer).
     """
 
     store: str
@@ -488,11 +489,31 @@ class Hub:
                 del self.columns[(old.name, c)]
         for c, w in watches:
             for sub in w.subs:
+                ids = np.asarray(sub.ids, np.int64)
+                before = self._told(old, w, ids)
                 self.add_keys(sub, new)
+                after = self._told(new, self.columns[(new.name, c)], ids)
+                diff = ~_same_values(before, after.astype(before.dtype, copy=False))
+                if diff.any():  # the new version answers differently: that is a change too
+                    self._notify(sub, Changes(new.name, c, ids[diff], before[diff], after[diff],
+                                              -1, -1, self._key_of(new)))
         with self._lock:
             subs = list(self.queries.get(old.name, []))
         for sub in subs:
             sub._mark_dirty()
+
+    def _told(self, store: Any, w: _ColumnWatch, ids: np.ndarray) -> np.ndarray:
+        """The answers subscribers were last told for ``ids`` (the watch's shadow)."""
+        if w.combined:
+            return w.shadow[0][ids].copy()
+        owner = self._owners(store, ids)
+        out = np.zeros(len(ids), w.dtype)
+        for s in range(len(w.shadow)):
+            mine = owner == s
+            sh = w.shadow[s]
+            inside = mine & (ids < len(sh))
+            out[inside] = sh[ids[inside]]
+        return out
 
     # -- after each applied batch (folding thread of ``shard``) -----------------------------
     def after_batch(self, store: Any, shard: int, batch: Any) -> None:

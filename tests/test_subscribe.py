@@ -246,3 +246,18 @@ def test_subscribe_errors(app):
     sub = app.subscribe("s", key=1, column="n", callback=print)
     with pytest.raises(en.SubscriptionError, match="callback"):
         sub.next(0)
+
+
+def test_a_blue_green_switch_that_changes_an_answer_is_a_change(app):
+    got: list[en.Changes] = []
+    app.subscribe("s", keys=[1, 2], column="n", callback=got.append, deliver="inline")
+    app.append("view", {"photo": [1, 1, 2], "w": [1, 1, 1]})
+    app.fold()
+    got.clear()
+    v2 = en.Store("s", key="photo", columns={"n": np.int64}, version=2,  # counts w, not actions
+                  reducers={"view": r.sum("n", "w")})
+    app.append("view", {"photo": [2], "w": [5]})
+    app.rebuild(v2).wait(30)
+    assert app["s"].version == 2 and app["s"].get(2)["n"] == 6
+    switch = [c for ch in got for c in ch if c.offset == -1]
+    assert [(c.key, c.old, c.new) for c in switch] == [(2, 2, 6)]  # key 1: 2 under both
