@@ -819,10 +819,12 @@ def test_demo_fan_out_rows_matches_a_reference(lists: list[list[int]], cap: int,
 
 @settings(max_examples=25, deadline=None)
 @given(follows=st.lists(st.tuples(st.integers(0, 30), st.integers(0, 30)), max_size=120),
-       split=st.integers(0, 120), asks=st.lists(st.integers(-1, 45), max_size=40))
+       split=st.integers(0, 120), asks=st.lists(st.integers(-1, 45), max_size=40),
+       limit=st.none() | st.integers(0, 6))
 def test_store_view_lists_combines_the_shards(follows: list[tuple[int, int]], split: int,
-                                              asks: list[int]) -> None:
-    """Followers (a multimap folded on 2 shards) for many key ids == a dict of lists."""
+                                              asks: list[int], limit: int | None) -> None:
+    """Followers (a multimap folded on 2 shards) for many key ids == a dict of lists (each
+    shard's first ``limit`` values per key when given)."""
     follow = en.ActionType("follow", {"user": en.key("user"), "target": en.key("user")},
                            partition="user")
     limits = en.Limits(segment_bytes=64 << 10)
@@ -843,12 +845,14 @@ def test_store_view_lists_combines_the_shards(follows: list[tuple[int, int]], sp
                 lst.append(u)
         d = log.dicts["user"]
         ids = np.array([a if a < len(d) else -1 for a in asks], np.int64)
-        offsets, values = StoreView(store).lists("followers", ids)
+        view = StoreView(store)
+        offsets, values = view.lists("followers", ids) if limit is None else view.lists(
+            "followers", ids, limit)
         assert offsets.tolist()[0] == 0 and len(offsets) == len(ids) + 1
         for i, kid in enumerate(ids.tolist()):
             got = d.key_of(values[offsets[i]:offsets[i + 1]]).tolist() if kid >= 0 else []
             raw = int(d.key_of(np.array([kid]))[0]) if kid >= 0 else None
-            want = ref[raw][0] + ref[raw][1] if raw in ref else []
+            want = ref[raw][0][:limit] + ref[raw][1][:limit] if raw in ref else []
             assert got == want, (kid, raw, got, want)
         app.close()
 
