@@ -269,8 +269,16 @@ class App:
                 if self._runner is None:
                     if deadline is not None and time.monotonic() > deadline:
                         raise TimeoutError(f"wait: {rec} not applied after {timeout} s")
-                    self.fold()
+                    if not self.fold() and not self.applied(rec, store):
+                        beyond = {s: o for s, o in rec.items() if o >= self.log.end_offset(s)}
+                        if beyond:
+                            raise ValueError(f"wait: receipt {beyond} is past the log's end "
+                                             f"({[self.log.end_offset(s) for s in beyond]}): not "
+                                             "a receipt of this log")
                     continue
+                if not self._runner.is_alive():
+                    raise EngineError(f"wait: the runtime thread stopped with "
+                                      f"{getattr(self, 'runtime_error', None)!r}; see app.status()")
                 self._wake.set()
                 with self._progress:
                     if self.applied(rec, store):
@@ -496,6 +504,8 @@ class App:
                 "offsets": [st.offset for st in s.shards],
                 "error": None if s.error is None else repr(s.error), "failed_at": s.failed_at}
             for n, s in self.stores.items()}
+        if getattr(self, "runtime_error", None) is not None:
+            out["runtime"] = {"kind": "runtime", "state": "failed", "error": repr(self.runtime_error)}
         for n, d in self.derivations.items():
             out[n] = {"kind": "derivation", "state": "failed" if d.error else "running",
                       "offsets": list(d.offsets), "emitted": d.emitted,
