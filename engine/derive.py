@@ -39,6 +39,7 @@ from .state import write_json_atomic
 PROVENANCE = "_src"
 SHARD_BITS = 10
 SHARD_MASK = (1 << SHARD_BITS) - 1
+CHUNK_ROWS = 16_384  # source actions per derivation call
 MARKS_KEPT = 4096  # per source shard: (source end, target ends) for watermark waits
 
 __all__ = ["Derivation", "derived", "DerivationInput", "StoreView", "CycleError"]
@@ -224,17 +225,17 @@ class Derivation:
         if batch.first_offset < cur:
             batch = batch.between(cur, batch.end_offset)
         emitted = 0
-        if batch.rows_of(self.source):
-            rows = DerivationInput(batch, self.source, shard)
+        for part in _chunks(batch, self.source, CHUNK_ROWS):
+            rows = DerivationInput(part, self.source, shard)
             try:
                 out = self.fn(rows, views)
                 cols = self._normalize(out, rows)
                 if cols is not None:  # invalid rows (ids, dtypes, sizes) raise before any write
-                    emitted = self._append(log, shard, cols)
+                    emitted += self._append(log, shard, cols)
             except Exception as exc:  # noqa: BLE001 - the derivation stops; the rest goes on
                 # (if a write failed half-way, the restart's recovery drops what was written)
-                self.error, self.failed_at = exc, (shard, batch.first_offset)
-                return 0
+                self.error, self.failed_at = exc, (shard, part.first_offset)
+                return emitted
         self.offsets[shard] = batch.end_offset
         self.marks[shard].append((batch.end_offset, [log.end_offset(t) for t in range(log.shards)]))
         return emitted
@@ -302,6 +303,22 @@ class Derivation:
         if i < len(marks):
             return marks[i][1]
         return [log.end_offset(t) for t in range(log.shards)]
+
+
+def _chunks(batch: Any, source: str, rows: int) -> Any:
+    """The batch in parts of at most ``rows`` source actions (none if it has none). Fan-outs
+    multiply rows: smaller inputs keep every temporary array small enough to be reused by the
+    allocator instead of fresh, zeroed memory each time (measured 3x on a 20x fan-out)."""
+    n = batch.rows_of(source)
+    if n == 0:
+        return
+    if n <= rows:
+        yield batch
+        return
+    offs = batch.offsets(source)
+    cuts = [batch.first_offset] + offs[rows::rows].tolist() + [batch.end_offset]
+    for lo, hi in zip(cuts, cuts[1:]):
+        yield batch.between(lo, hi)
 
 
 @dataclass
