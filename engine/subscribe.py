@@ -448,9 +448,7 @@ class Hub:
     def _owners(self, store: Any, ids: np.ndarray) -> np.ndarray:
         if len(store.shards) == 1:
             return np.zeros(len(ids), np.int64)
-        keys = self.app.log.dicts[store.domain].key_of(ids)
-        return np.array([self.app.log.shard_of_key(k.item() if hasattr(k, "item") else k)
-                         for k in keys], np.int64)
+        return store._owner_shards(ids)  # vectorized partition hash of the raw keys
 
     def add_query(self, sub: Subscription, store: Any) -> None:
         with self._lock:

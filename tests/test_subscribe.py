@@ -261,3 +261,26 @@ def test_a_blue_green_switch_that_changes_an_answer_is_a_change(app):
     assert app["s"].version == 2 and app["s"].get(2)["n"] == 6
     switch = [c for ch in got for c in ch if c.offset == -1]
     assert [(c.key, c.old, c.new) for c in switch] == [(2, 2, 6)]  # key 1: 2 under both
+
+
+@pytest.mark.parametrize("str_keys", [False, True])
+def test_owner_shards_agree_with_the_log_routing_and_reads_use_them(tmp_path, str_keys):
+    """A co-partitioned multi-shard store reads each key from the shard the log routes it to
+    (a regression: first/last in the fused row layout read as 0 when shards were combined)."""
+    k = en.key("k", str) if str_keys else en.key("k")
+    log = en.open(str(tmp_path / "d"), [en.ActionType("ev", {"k": k, "v": en.int64}, partition="k")],
+                  shards=3, durability="none")
+    st = en.Store("agg", key="k", columns={"n": np.int64, "s": np.int64, "last": np.int64},
+                  reducers={"ev": [r.count("n"), r.sum("s", "v"), r.last("last", "v")]})
+    app = en.App(log, [st], checkpoint_every_actions=None, checkpoint_every_s=None)
+    raw = [f"u{i}" for i in range(300)] if str_keys else list(range(0, 3000, 10))
+    app.append("ev", {"k": raw + raw, "v": list(range(600))})
+    app.fold()
+    ids = st.key_ids(raw)
+    assert st._owner_shards(ids).tolist() == [log.shard_of_key(x) for x in raw]
+    got = st.get_many(raw)
+    assert got["n"].tolist() == [2] * 300
+    assert got["last"].tolist() == list(range(300, 600))
+    assert got["s"].tolist() == [i + 300 + i for i in range(300)]
+    app.close()
+    log.close()
