@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ._impl import load
-from .errors import CorruptLogError, DiskFullError
+from .errors import CorruptLogError, DiskFullError, LogError
 
 _codec = load("codec")
 _keys = load("keys")
@@ -270,7 +270,11 @@ class KeyDictionary:
 
     def sync(self) -> None:
         if self._dirty and self._fd >= 0:
-            os.fdatasync(self._fd)
+            try:
+                os.fdatasync(self._fd)
+            except OSError as exc:
+                raise LogError(f"fdatasync of the key dictionary of domain {self.domain!r} failed; "
+                               "actions using its new keys are not durable", path=self.path) from exc
             self._dirty = False
 
     def refresh(self, report: list[str] | None = None) -> None:

@@ -103,6 +103,7 @@ class Log:
         self._fast: dict[str, Any] = {}  # type name -> (native validator or None, field names)
         self._async_scheduled = False
         self._listeners: list[Callable[[], None]] = []  # told after frames are written
+        self._sync_failed: LogError | None = None  # set by a failed fdatasync: writes refused
 
     # -- metadata --------------------------------------------------------------------------
     def _open_meta(self, types: Iterable[ActionType] | Schema | None, shards: int | None) -> None:
@@ -511,10 +512,16 @@ class Log:
                 self._synced_seq = max(self._synced_seq, target)
 
     def _fdatasync_all(self) -> None:
-        for d in self.dicts.values():
-            d.sync()  # keys before the frames that use them
-        for sl in self.shard_logs:
-            sl.sync()
+        try:
+            for d in self.dicts.values():
+                d.sync()  # keys before the frames that use them
+            for sl in self.shard_logs:
+                sl.sync()
+        except LogError as exc:
+            # after a failed fdatasync Linux may have dropped the dirty pages it could not
+            # write: a later "successful" sync would acknowledge writes behind a hole
+            self._sync_failed = exc
+            raise
 
     def _commit_loop(self) -> None:
         interval = self.limits.flush_interval_ms / 1000
@@ -615,12 +622,16 @@ class Log:
         self._check_open()
         if self.readonly:
             raise ReadOnlyError("this log was opened read-only; writes go through the writer process")
+        if self._sync_failed is not None:
+            raise LogError("an earlier fdatasync failed, so writes since the last good sync may "
+                           "be lost; close and reopen the log (recovery checks every frame) before "
+                           "writing again", path=self.path) from self._sync_failed
 
     def close(self) -> None:
         """Flush (durably) and release everything. Further calls raise ``ClosedError``."""
         if self._closed:
             return
-        if not self.readonly:
+        if not self.readonly and self._sync_failed is None:  # after a failed sync: just release
             self.flush()
         self._closed = True
         self._committer_wake.set()

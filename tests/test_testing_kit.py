@@ -286,7 +286,7 @@ def test_failing_fsync_mid_stream_keeps_every_acknowledged_action(tmp_path):
             users = [i % 4, 4 + i % 4]
             try:
                 got = log.append("like", {"user": users, "photo": [i, i], "ts": [i, i]})
-            except (en.LogError, OSError):  # see the xfail below: a key file's fsync is raw
+            except en.LogError:  # the segment's or a key file's fdatasync failed
                 break
             for s, rng in got.items():
                 acked[s] += [(off, i) for off in rng]
@@ -298,15 +298,34 @@ def test_failing_fsync_mid_stream_keeps_every_acknowledged_action(tmp_path):
             assert all(have.get(off) == i for off, i in acked[s]), f"shard {s} lost an ack"
 
 
-@pytest.mark.xfail(strict=True, reason="a key dictionary's failed fdatasync leaks a bare OSError "
-                   "(keys.py KeyDictionary.sync), not a LogError naming the .keys file")
 def test_failing_fsync_of_a_key_file_is_a_log_error(tmp_path):
     log = en.open(str(tmp_path / "log"), TYPES, durability="sync", limits=SMALL)
     try:
-        with Faults(1).failing_fsync(after=0), pytest.raises(en.LogError):
+        with Faults(1).failing_fsync(after=0), pytest.raises(en.LogError, match=r"\.keys|key dictionary") as err:
             log.dispatch("like", user=1, photo=1, ts=1)  # new keys: the .keys file syncs first
+        assert err.value.path is not None and err.value.path.endswith(".keys")
     finally:
         log.close()
+
+
+def test_after_a_failed_fsync_writes_are_refused_until_reopen(tmp_path):
+    """fsyncgate: once fdatasync failed, the kernel may have dropped the pages it could not
+    write, so a later successful sync would acknowledge writes behind a hole. The log refuses
+    writes (even once fsync works again) until it is reopened, and close() still works."""
+    path = str(tmp_path / "log")
+    log = en.open(path, TYPES, durability="sync", limits=SMALL)
+    log.dispatch("like", user=1, photo=1, ts=1)
+    with Faults(3).failing_fsync(after=0, times=1), pytest.raises(en.LogError):
+        log.dispatch("like", user=1, photo=1, ts=2)
+    with pytest.raises(en.LogError, match="earlier fdatasync failed"):
+        log.dispatch("like", user=1, photo=1, ts=3)  # fsync works again: still refused
+    with pytest.raises(en.LogError, match="earlier fdatasync failed"):
+        log.append("like", {"user": [1], "photo": [1], "ts": [4]})
+    log.close()
+    with en.open(path) as log:
+        log.dispatch("like", user=1, photo=1, ts=5)  # reopened: recovery checked every frame
+        ts = [v["ts"] for _, _, v in rows(log, 0)]
+    assert ts[0] == 1 and ts[-1] == 5 and 3 not in ts and 4 not in ts
 
 
 # -- crash points -----------------------------------------------------------------------------
