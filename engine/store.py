@@ -402,8 +402,8 @@ class Store:
             scal = self.read_ids(np.array([kid]))
             out: dict[str, Any] = {c: v[0].item() for c, v in scal.items()}
             for c, kind in self.user_columns.items():
-                if isinstance(kind, Ring):
-                    out[c] = self.ring_of(c, kid, shard)
+                if isinstance(kind, Ring):  # (bind refuses rings here; kept total for safety)
+                    out[c] = self.ring_of(c, kid, self.log.shard_of_key(key))
                 elif isinstance(kind, MultiMapColumn):
                     out[c] = self.multimap_of(c, kid)
                 elif isinstance(kind, TopK):
