@@ -415,11 +415,16 @@ def run_sweep(args: argparse.Namespace) -> int:
             con.print(line, markup=False, highlight=False)
     png = os.path.join(args.out, "sweep.png")
     js = os.path.join(args.out, "sweep.json")
+    plotted = False
     if rec is not None:
         title = (f"engine bench sweep: demo workload, {total:,} actions, "
                  f"durability={args.durability}, {cores} cores, median of {args.repeat}")
-        _plot(results, rec, png, title)
+        try:
+            _plot(results, rec, png, title)
+            plotted = True
+        except ImportError:
+            con.print("no plot: matplotlib is not installed (pip install matplotlib, or the "
+                      "[bench] extra)", markup=False, highlight=False)
     _write_json(js, args, results, rec, {"cpu_count": cores, "actions": total})
-    con.print(f"wrote {png + ' and ' if rec is not None else ''}{js}", markup=False,
-              highlight=False)
+    con.print(f"wrote {png + ' and ' if plotted else ''}{js}", markup=False, highlight=False)
     return 1 if failed else 0
