@@ -168,12 +168,14 @@ def write_frame(
     columns: Sequence[ColumnSpec],
     timestamp_ns: int,
     sparse: bool = False,
+    layout: tuple[int, list[tuple[int, int, int, int]]] | None = None,
 ) -> int:
     """Encode one frame into writable buffer ``buf`` at byte ``pos``; returns its length.
 
-    The caller guarantees room (see ``frame_layout``); the bytes past ``pos`` are zero.
+    The caller guarantees room (see ``frame_layout``; pass its result as ``layout`` to avoid
+    computing it twice); the bytes past ``pos`` are zero.
     """
-    length, places = frame_layout(columns)
+    length, places = layout if layout is not None else frame_layout(columns)
     view = np.frombuffer(buf, np.uint8, count=length, offset=pos)
     # Padding must be deterministic for the CRC whatever was there before; zero only the
     # header, the descriptors and the padding, never the bytes about to be copied.
@@ -274,7 +276,15 @@ class Batch:
 
     @property
     def type_names(self) -> list[str]:
-        return [self._schema.type_by_id(t).name for t in self.type_ids if self._rows(t)[1] > self._rows(t)[0]]
+        """Names of the action types the batch holds (at least one action each)."""
+        memo = self._memo
+        if memo is None:
+            memo = self._memo = {}
+        names = memo.get("type_names")
+        if names is None:
+            names = memo["type_names"] = [self._schema.type_by_id(t).name for t in self.type_ids
+                                          if self._rows(t)[1] > self._rows(t)[0]]
+        return names
 
     @property
     def types(self) -> np.ndarray:

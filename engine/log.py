@@ -465,7 +465,7 @@ class Log:
                     v = np.asarray(v, ft.dtype)
                 specs.append(ColumnSpec(t, i, kind_of(ft), v))
             count += len(columns[0])
-        self.shard_logs[shard].write_frame(specs, count, len(by_type))
+        self.shard_logs[shard].write_frame(specs, count, len(by_type), owned=True)
         self._written_seq += 1
 
     # -- durability ------------------------------------------------------------------------

@@ -223,10 +223,14 @@ class ShardLog:
         return self.segments[0].base if self.segments else 0
 
     # -- writing ---------------------------------------------------------------------------
-    def write_frame(self, columns: Sequence[ColumnSpec], count: int, ntypes: int) -> int:
-        """Encode one frame at the end of the log; returns its first offset."""
+    def write_frame(self, columns: Sequence[ColumnSpec], count: int, ntypes: int,
+                    owned: bool = False) -> int:
+        """Encode one frame at the end of the log; returns its first offset. ``owned``: the
+        column arrays are the log's own (nobody else holds them), so the newest-frame cache
+        may keep them instead of copies."""
         assert self.writable and count > 0
-        length, _ = frame_layout(columns)
+        layout = frame_layout(columns)
+        length = layout[0]
         seg = self.segments[-1]
         if seg.state is not SegmentState.OPEN or length > seg.room():
             assert length <= self.segment_bytes - SEG_HEADER_BYTES, "frame larger than a segment"
@@ -236,11 +240,12 @@ class ShardLog:
         first = seg.next_offset
         pos = seg.end_pos
         ts = clock.time_ns()
-        written = write_frame(seg.mm, pos, first, count, ntypes, columns, ts)
+        written = write_frame(seg.mm, pos, first, count, ntypes, columns, ts, layout=layout)
         seg.add_frame(pos, written, first, count)
         # the newest small frame, kept as written: the live runtime reads it back at once and
         # skips decoding (copies: the caller may reuse its arrays)
-        self._tail = (seg, pos, _tail_batch(self, columns, first, count, ts)) if count <= TAIL_ROWS else None
+        self._tail = ((seg, pos, _tail_batch(self, columns, first, count, ts, owned))
+                      if count <= TAIL_ROWS else None)
         return first
 
     def roll(self) -> None:
@@ -391,23 +396,24 @@ class ShardLog:
 
 
 def _tail_batch(sl: "ShardLog", columns: Sequence[ColumnSpec], first: int, count: int,
-                ts: int) -> Batch:
-    """A Batch over copies of the columns just written (what decoding the frame would give)."""
+                ts: int, owned: bool) -> Batch:
+    """A Batch over the columns just written (what decoding the frame would give): read-only
+    copies, or the arrays themselves when the log owns them."""
     cols: dict[int, dict[int, Any]] = {}
     types = None
     for c in columns:
         v = c.values
         if c.field_index == TYPE_COLUMN_FIELD:
-            types = _frozen(np.asarray(v, np.uint16))
+            types = _frozen(np.asarray(v, np.uint16), owned)
         elif hasattr(v, "offsets"):
-            cols.setdefault(c.type_id, {})[c.field_index] = Var(_frozen(np.asarray(v.offsets, np.int32)),
-                                                               _frozen(np.asarray(v.data, np.uint8)))
+            cols.setdefault(c.type_id, {})[c.field_index] = Var(
+                _frozen(np.asarray(v.offsets, np.int32), owned), _frozen(np.asarray(v.data, np.uint8), owned))
         else:
-            cols.setdefault(c.type_id, {})[c.field_index] = _frozen(v)
+            cols.setdefault(c.type_id, {})[c.field_index] = _frozen(v, owned)
     return Batch(sl.shard, first, first + count, ts, sl.schema, types, cols, 0, count, sl.dicts)
 
 
-def _frozen(a: np.ndarray) -> np.ndarray:
-    out = np.array(a, copy=True)
+def _frozen(a: np.ndarray, owned: bool) -> np.ndarray:
+    out = a if owned else np.array(a, copy=True)
     out.flags.writeable = False
     return out

@@ -540,8 +540,8 @@ class Hub:
                     if not sel.any():
                         continue
                     part = Changes(ch.store, ch.column, ch.ids[sel], ch.old[sel], ch.new[sel],
-                                   ch.shard if np.ndim(ch.shard) == 0 else ch.shard[sel],
-                                   ch.offset if np.ndim(ch.offset) == 0 else ch.offset[sel],
+                                   ch.shard if isinstance(ch.shard, int) else ch.shard[sel],
+                                   ch.offset if isinstance(ch.offset, int) else ch.offset[sel],
                                    ch._key_of)
                 self._notify(sub, part)
         for sub in self.queries.get(store.name, ()):
@@ -551,8 +551,8 @@ class Hub:
 
     def _notify(self, sub: Subscription, ch: Changes) -> None:
         if sub.single is not None:
-            shard = ch.shard if np.ndim(ch.shard) == 0 else ch.shard[0]
-            offset = ch.offset if np.ndim(ch.offset) == 0 else ch.offset[0]
+            shard = ch.shard if isinstance(ch.shard, int) else ch.shard[0]
+            offset = ch.offset if isinstance(ch.offset, int) else ch.offset[0]
             item: Any = Change(sub.single, ch.old.item(0), ch.new.item(0), int(shard), int(offset))
         else:
             item = ch
