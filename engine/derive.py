@@ -125,17 +125,21 @@ class Derivation:
     :class:`StoreView`. Return the emitted type's fields (key fields as interned ids) and, when
     the output does not have one row per input row, ``"_row"``: for each output row, the index
     of the input row it came from (non-decreasing). Return None or empty arrays to emit nothing.
-    The emitted type must be declared with :func:`derived`.
+    The emitted type must be declared with :func:`derived`. With ``raw_keys=True`` key fields
+    hold raw keys instead (ints, strings, Arrow arrays): keys never seen are interned, which is
+    how a derivation mints new keys (e.g. caption words); the rows go through ``Log.append``.
     """
 
     def __init__(self, name: str, source: str, emits: str,
                  fn: Callable[[DerivationInput, Mapping[str, StoreView]], Any], *,
-                 reads: tuple[str, ...] | list[str] = (), version: int = 1):
+                 reads: tuple[str, ...] | list[str] = (), version: int = 1,
+                 raw_keys: bool = False):
         if source == emits:
             raise CycleError(f"derivation {name!r} emits the type it reads ({source!r})")
         self.name, self.source, self.emits, self.fn = name, source, emits, fn
         self.reads = tuple(reads)
         self.version = int(version)
+        self.raw_keys = bool(raw_keys)  # key fields hold raw keys (new ones are interned)
         self.offsets: list[int] = []
         # (target shard, source shard) -> (last source offset, rows of it) already in the target
         self.hwm: dict[tuple[int, int], tuple[int, int]] = {}
@@ -274,13 +278,22 @@ class Derivation:
             if cols is None:
                 return 0
         n = len(cols[PROVENANCE])
-        log.append_ids(self.emits, cols)
+        if self.raw_keys:
+            log.append(self.emits, cols)
+        else:
+            log.append_ids(self.emits, cols)
         self._emitted[shard] += n
         return n
 
     def _drop_appended(self, log: Any, shard: int, cols: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
         """After a crash: drop rows a target shard already holds (at or below its mark)."""
-        targets = log.route_ids(self.emits, cols)
+        if self.raw_keys:
+            at = log.schema[self.emits]
+            checked, n = at.validate_columns(cols, log.limits)
+            targets = log._route(at, checked, n)
+            targets = np.zeros(n, np.int64) if targets is None else targets
+        else:
+            targets = log.route_ids(self.emits, cols)
         src_off = cols[PROVENANCE] >> SHARD_BITS
         keep = np.ones(len(src_off), bool)
         for (t, s), (last, count) in list(self.hwm.items()):
@@ -294,7 +307,7 @@ class Derivation:
                 del self.hwm[(t, s)]  # this target is past its mark: nothing more to drop
         if not keep.any():
             return None
-        return {f: np.asarray(v)[keep] for f, v in cols.items()}
+        return {f: _keep(v, keep) for f, v in cols.items()}
 
     def targets_after(self, shard: int, offset: int, log: Any) -> list[int]:
         """Target end offsets once the source action ``offset`` of ``shard`` was derived from."""
@@ -303,6 +316,17 @@ class Derivation:
         if i < len(marks):
             return marks[i][1]
         return [log.end_offset(t) for t in range(log.shards)]
+
+
+def _keep(v: Any, keep: np.ndarray) -> Any:
+    """Rows ``keep`` of a column: numpy, Arrow or a list."""
+    if hasattr(v, "filter") and not isinstance(v, np.ndarray):  # pyarrow
+        import pyarrow as pa
+
+        return v.filter(pa.array(keep))
+    if isinstance(v, np.ndarray):
+        return v[keep]
+    return [x for x, k in zip(v, keep.tolist()) if k]
 
 
 def _chunks(batch: Any, source: str, rows: int) -> Any:

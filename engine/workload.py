@@ -52,7 +52,7 @@ def photo_app(n: int, users: int, seed: int, t0_ns: int = 1_700_000_000_000_000_
     """The photo-sharing workload, as chunks ``(type, columns)`` in append order.
 
     Mix: 70 % likes, 12 % follows, 10 % comments, 5 % posts (each with its caption), 3 % tags
-    (caption tokens → photo, what a derivation will emit). Popularity is Zipf everywhere.
+    (caption tokens → photo; the demo derives these from the captions instead and drops them). Popularity is Zipf everywhere.
     """
     rng = np.random.default_rng(seed)
     n_post = max(1, n // 20)

@@ -882,3 +882,49 @@ def test_settle_reaches_quiescence_through_two_levels(chain_log: Any) -> None:
     assert app.settle() == 0  # quiescent
     assert app.fold() == 0
     app.close()
+
+
+# -- derivations that mint keys (raw_keys=True): the demo's caption words ----------------------
+def _caption_log(path: str) -> tuple[Any, list]:
+    from engine import demo
+    from engine.workload import photo_app
+
+    chunks = photo_app(6_000, 300, seed=11)
+    log = en.open(path, demo.TYPES, shards=2, durability="none",
+                  limits=en.Limits(segment_bytes=1 << 20))
+    for name, cols in chunks:
+        if name != "tag":
+            log.append(name, cols)
+    return log, chunks
+
+
+def test_caption_words_derive_the_generators_tags_exactly_once_after_a_crash(tmp_path: Any) -> None:
+    """A raw-key derivation mints new keys (words) and, after a crash before any checkpoint
+    (its state lost, its output in the log), re-derives nothing twice."""
+    from engine import demo
+
+    log, chunks = _caption_log(str(tmp_path / "d"))
+    stores = [s for s in demo.stores() if s.name == "caption_index"]
+    app = en.App(log, stores, [d for d in demo.derivations() if d.name == "caption_words"],
+                 checkpoint_every_actions=None, checkpoint_every_s=None)
+    app.settle()
+    first = app.derivations["caption_words"].emitted
+    del app  # a crash: no checkpoint, the derivation's cursor is lost
+    app = en.App(log, [s for s in demo.stores() if s.name == "caption_index"],
+                 [d for d in demo.derivations() if d.name == "caption_words"],
+                 checkpoint_every_actions=None, checkpoint_every_s=None)
+    app.settle()
+    assert app.derivations["caption_words"].emitted == 0  # everything was already there
+    tags = dict(chunks)["tag"]
+    want: dict[str, set[int]] = {}
+    for tok, photo in zip(tags["token"], tags["photo"].tolist()):
+        want.setdefault(tok, set()).add(photo)
+    rows = sum(b.rows_of("caption_word") for s in range(2) for b in log.read(s))
+    assert rows == first and first >= sum(len(v) for v in want.values())
+    idx = app["caption_index"]
+    photo_key = log.dicts["photo"].key_of
+    for tok, photos in want.items():
+        got = idx.get(tok)["photos"]
+        assert set(photo_key(got).tolist()) == photos and len(got) == len(photos), tok
+    app.close()
+    log.close()

@@ -136,7 +136,8 @@ def test_end_to_end_tiny_grid(tmp_path):
     assert sorted(cells) == [(1, 1000), (1, 50000), (2, 1000), (2, 50000)]
     assert len(doc["cells"]) == 4
     for c in cells.values():
-        assert c["actions"] > 20000  # tags come on top
+        assert c["actions"] == 20000  # caption words are derived, not appended
+        assert c["derived"] and min(c["derived"]) > 0
         for k in ("append_per_s", "fold_per_s", "e2e_per_s"):
             assert c[k] > 0
         assert 0 < c["ratio_to_best"] <= 1
