@@ -206,12 +206,14 @@ def run_demo(args: argparse.Namespace) -> int:
             _append(app, slices, prog, "append")
             timings.append((f"append ({args.durability}), folded live", total, time.perf_counter() - t))
             app.settle()
-            derived = app.derivations["feed_fanout"].emitted
-            timings.append((f"end to end: append + fold + fan-out", total, time.perf_counter() - t))
+            feed_items = app.derivations["feed_fanout"].emitted
+            words = app.derivations["caption_words"].emitted
+            derived = feed_items + words
+            timings.append((f"end to end: append + fold + derivations", total, time.perf_counter() - t))
         app.stop()
         live.close()
-        con.print(f"fan-out derived {derived:,} feed items from "
-                  f"{len(dict(chunks)['post']['user']):,} posts")
+        con.print(f"derived {feed_items:,} feed items (posts fanned out to followers) and "
+                  f"{words:,} caption words from {len(dict(chunks)['post']['user']):,} posts")
         t = time.perf_counter()
         app.checkpoint()
         timings.append(("checkpoint", total + derived, time.perf_counter() - t))
