@@ -62,6 +62,11 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             st.add_row(name, si["state"], str(si.get("offsets", "")),
                        f"{si.get('error', '')} at {si.get('failed_at', '')}" if si.get("error") else "")
         con.print(st)
+    if info.get("derivations"):
+        dt = Table("derivation", "source → emits", "checkpointed source offsets")
+        for name, di in info["derivations"].items():
+            dt.add_row(name, f"{di['source']} → {di['emits']}", str(di["offsets"]))
+        con.print(dt)
     for line in info["recovery"]:
         con.print(f"recovery: {line}")
     return 0

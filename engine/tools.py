@@ -84,6 +84,7 @@ def inspect(path: str) -> dict[str, Any]:
             "key_domains": {d: {"kind": kd.kind, "keys": len(kd)} for d, kd in log.dicts.items()},
             "recovery": list(log.report),
             "stores": _stores_info(log.path),
+            "derivations": _derivations_info(log.path),
         }
         for s, sl in enumerate(log.shard_logs):
             segs = [{"file": os.path.basename(seg.path), "state": seg.state.value,
@@ -105,8 +106,14 @@ def _stores_info(path: str) -> dict[str, Any]:
     if not os.path.isdir(root):
         return out
     for name in sorted(os.listdir(root)):
+        current = None
+        if os.path.exists(os.path.join(root, name, "CURRENT.json")):  # after a blue/green switch
+            with open(os.path.join(root, name, "CURRENT.json")) as f:
+                current = json.load(f).get("version")
         for ver in sorted(os.listdir(os.path.join(root, name))):
             d = os.path.join(root, name, ver)
+            if not (ver.startswith("v") and os.path.isdir(d)):
+                continue  # CURRENT.json, a version being retired
             info: dict[str, Any] = {"state": "never checkpointed"}
             if os.path.exists(os.path.join(d, "MANIFEST.json")):
                 with open(os.path.join(d, "MANIFEST.json")) as f:
@@ -116,7 +123,28 @@ def _stores_info(path: str) -> dict[str, Any]:
                 with open(os.path.join(d, "FAILED.json")) as f:
                     fail = json.load(f)
                 info.update(state="FAILED", error=fail["error"], failed_at=[fail["shard"], fail["offset"]])
+            if current is not None:
+                info["serving"] = ver == f"v{current}"
             out[f"{name}/{ver}"] = info
+    return out
+
+
+def _derivations_info(path: str) -> dict[str, Any]:
+    """Each derivation's checkpointed cursors (source offsets per shard)."""
+    import json
+
+    out: dict[str, Any] = {}
+    root = os.path.join(path, "derivations")
+    if not os.path.isdir(root):
+        return out
+    for name in sorted(os.listdir(root)):
+        for ver in sorted(os.listdir(os.path.join(root, name))):
+            f = os.path.join(root, name, ver, "STATE.json")
+            if os.path.exists(f):
+                with open(f) as fh:
+                    st = json.load(fh)
+                out[f"{name}/{ver}"] = {"source": st.get("source"), "emits": st.get("emits"),
+                                        "offsets": st.get("offsets")}
     return out
 
 

@@ -802,3 +802,29 @@ def test_kill9_mid_rebuild_never_harms_the_serving_version(template, tmp_path):
         for k in ("killed-parked-ckpt", "killed-parked-current", "killed-parked-retire",
                   "killed-at-progress", "after-commit", "resumed", "no-v2-checkpoint"):
             assert stats[k] >= 1, stats
+
+
+def test_inspect_shows_the_serving_version_and_derivation_cursors(tmp_path):
+    from engine import tools
+
+    types = [en.ActionType("post", {"user": en.key("user"), "photo": en.key("photo")}, partition="user"),
+             en.derived("echo", {"user": en.key("user"), "photo": en.key("photo")}, partition="user")]
+    log = en.open(str(tmp_path / "d"), types, shards=2, durability="none")
+    v1 = en.Store("n", key="user", columns={"n": np.int64}, reducers={"post": en.reducers.count("n")})
+    echo = en.Derivation("echo", "post", "echo", lambda rows, views: {"user": rows.column("user"),
+                                                                      "photo": rows.column("photo")})
+    app = en.App(log, [v1], [echo], checkpoint_every_actions=None, checkpoint_every_s=None)
+    app.append("post", {"user": [1, 2, 3], "photo": [4, 5, 6]})
+    app.settle()
+    app.checkpoint()
+    v2 = en.Store("n", key="user", columns={"n": np.int64}, version=2,
+                  reducers={"echo": en.reducers.count("n")})
+    app.rebuild(v2).wait(30)
+    info = tools.inspect(log.path)
+    assert set(info["stores"]) == {"n/v2"} and info["stores"]["n/v2"]["serving"] is True
+    assert info["derivations"]["echo/v1"]["emits"] == "echo"
+    # its cursors are shard offsets: past the 3 posts and the 3 echoes it appended itself
+    assert info["derivations"]["echo/v1"]["offsets"] == [log.end_offset(s) for s in range(2)]
+    assert sum(info["derivations"]["echo/v1"]["offsets"]) == 6
+    app.close()
+    log.close()
