@@ -522,7 +522,8 @@ def watch_diff(ids: Any, watched: Any, state: Any, shadow: np.ndarray, out_ids: 
     ``out_ids[j], out_old[j], out_new[j]``, then ``shadow[k] = value`` and ``j += 1``; so a key
     is reported at most once, in first-appearance order. ``shadow`` (``len >= len(watched)``)
     and the outputs (``len >= len(ids)``) are writeable, C-contiguous and of the state's dtype
-    (``out_ids``: int64); entries from ``j`` on are left alone.
+    (``out_ids``: int64); entries from ``j`` to ``len(ids)`` are scratch (the native loop is
+    branch-free and stores every row's candidate), nothing past ``len(ids)`` is written.
     """
     i, w, s, sh, oi, oo, on = _watch_args(ids, watched, state, shadow, out_ids, out_old, out_new)
     _check_negative(i)

@@ -588,6 +588,7 @@ cdef Py_ssize_t _watch_diff(Rows r, const uint8_t* watched, const num_t* state, 
     cdef Py_ssize_t i, j = 0
     cdef int64_t k
     cdef num_t old, new
+    cdef bint changed
     for i in range(r.n):
         k = _ahead(r, i)
         if k >= 0:
@@ -596,18 +597,21 @@ cdef Py_ssize_t _watch_diff(Rows r, const uint8_t* watched, const num_t* state, 
             if <uint64_t>k < cap_s:
                 ENGINE_PREFETCH_R(&state[k * stride])
         k = r.ids[i]
-        if <uint64_t>k >= r.keys or watched[k] == 0:
+        if <uint64_t>k >= r.keys:   # past the mask: not watched (rare, predictable)
             continue
         new = state[k * stride] if <uint64_t>k < cap_s else 0   # state not grown that far yet
         old = shadow[k]
-        if old == new:
-            continue
+        # branch-free: whether this row changes its key is a coin flip the branch predictor
+        # loses (first touch in the batch vs a repeat); selects and unconditional stores to
+        # the (cached) outputs are cheaper
+        changed = (old != new) & (watched[k] != 0)
         if num_t is double:
-            if old != old and new != new:   # NaN == NaN counts as unchanged
-                continue
-        out_ids[j], out_old[j], out_new[j] = k, old, new
-        shadow[k] = new
-        j += 1
+            changed = changed & ((old == old) | (new == new))   # NaN == NaN: unchanged
+        out_ids[j] = k
+        out_old[j] = old
+        out_new[j] = new
+        shadow[k] = new if changed else old
+        j += changed
     return j
 
 
@@ -630,7 +634,8 @@ def watch_diff(ids, watched, state, shadow, out_ids, out_old, out_new):
     ``out_ids[j], out_old[j], out_new[j]``, then ``shadow[k] = value`` and ``j += 1``; so a key
     is reported at most once, in first-appearance order. ``shadow`` (``len >= len(watched)``)
     and the outputs (``len >= len(ids)``) are writeable, C-contiguous and of the state's dtype
-    (``out_ids``: int64); entries from ``j`` on are left alone.
+    (``out_ids``: int64); entries from ``j`` to ``len(ids)`` are scratch (the native loop is
+    branch-free and stores every row's candidate), nothing past ``len(ids)`` is written.
     """
     i, w, s, sh, oi, oo, on = _watch_args(ids, watched, state, shadow, out_ids, out_old, out_new)
     cdef Rows r = _watch_rows(i, w.shape[0], 17)
