@@ -46,14 +46,18 @@ class Sizes:
     fan_follows: int
     fan_posts: int
     fan_rounds: int
+    segment_bytes: int  # preallocated per segment file: small in the smoke run (CI's disk)
+
+    @property
+    def limits(self) -> en.Limits:
+        return en.Limits(segment_bytes=self.segment_bytes)
 
 
 SIZES = {
-    "smoke": Sizes(20_000, 1, 300, 1, 2_000, 20_000, 2_000, 1),
-    "quick": Sizes(2_000_000, 5, 5_000, 3, 100_000, 2_000_000, 100_000, 3),
-    "full": Sizes(10_000_000, 5, 20_000, 5, 500_000, 10_000_000, 1_000_000, 3),
+    "smoke": Sizes(20_000, 1, 300, 1, 2_000, 20_000, 2_000, 1, 4 << 20),
+    "quick": Sizes(2_000_000, 5, 5_000, 3, 100_000, 2_000_000, 100_000, 3, 256 << 20),
+    "full": Sizes(10_000_000, 5, 20_000, 5, 500_000, 10_000_000, 1_000_000, 3, 256 << 20),
 }
-LIMITS = en.Limits(segment_bytes=256 << 20)
 
 
 @pytest.fixture(scope="module")
@@ -79,15 +83,15 @@ def agg_store() -> en.Store:
 class FoldLogs:
     """One log per (distribution, shards), appended once per module."""
 
-    def __init__(self, root: Any, n: int):
-        self.root, self.n = root, n
+    def __init__(self, root: Any, n: int, limits: en.Limits):
+        self.root, self.n, self.limits = root, n, limits
         self.made: dict[tuple[str, int], tuple[en.Log, dict[str, np.ndarray]]] = {}
 
     def __call__(self, dist: str, shards: int) -> tuple[en.Log, dict[str, np.ndarray]]:
         if (dist, shards) not in self.made:
             cols = fold_columns(self.n, dist)
             log = en.open(str(self.root / f"{dist}-{shards}"), [EV], shards=shards,
-                          durability="none", limits=LIMITS)
+                          durability="none", limits=self.limits)
             for lo in range(0, self.n, 65_536):
                 log.append("ev", {f: v[lo:lo + 65_536] for f, v in cols.items()})
             log.flush()
@@ -101,7 +105,7 @@ class FoldLogs:
 
 @pytest.fixture(scope="module")
 def fold_logs(tmp_path_factory: Any, sizes: Sizes) -> Any:
-    logs = FoldLogs(tmp_path_factory.mktemp("live"), sizes.fold_actions)
+    logs = FoldLogs(tmp_path_factory.mktemp("live"), sizes.fold_actions, sizes.limits)
     yield logs
     logs.close()
 
@@ -181,7 +185,7 @@ def test_subscriptions(benchmark: Any, fold_logs: Any, sizes: Sizes, dist: str, 
 def test_latency(benchmark: Any, tmp_path: Any, sizes: Sizes, mode: str) -> None:
     """``runtime``: the background runtime folds and calls back (two thread hand-offs);
     ``sync``: ``app.dispatch_sync`` folds in the caller's thread."""
-    log = en.open(str(tmp_path / "lat"), [EV], shards=1, durability="none", limits=LIMITS)
+    log = en.open(str(tmp_path / "lat"), [EV], shards=1, durability="none", limits=sizes.limits)
     app = en.App(log, [agg_store()], checkpoint_every_actions=None, checkpoint_every_s=None)
     fired = threading.Event()
     stamp = [0]
@@ -260,7 +264,7 @@ def test_derive_fanout(benchmark: Any, tmp_path: Any, sizes: Sizes, shards: int)
         apps.clear()
         rnd[0] += 1
         log = en.open(str(tmp_path / f"fan{rnd[0]}"), [FOLLOW, POST, FEED_ADD], shards=shards,
-                      durability="none", limits=en.Limits(segment_bytes=1 << 30))
+                      durability="none", limits=sizes.limits)
         log.append("follow", {"user": follower, "target": target})
         log.append("post", {"user": author, "photo": np.arange(len(author))})
         en.App(log, [followers_store()], checkpoint_every_actions=None,

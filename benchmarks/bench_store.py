@@ -88,7 +88,15 @@ SIZES = {
                   restart_keys=10_000_000, restart_rounds=5, replay_rounds=3,
                   query_keys=1_000_000, query_batch=1_000_000, single_gets=100_000),
 }
-LIMITS = en.Limits(segment_bytes=256 << 20)
+
+
+def _limits(actions: int) -> en.Limits:
+    """Segments sized to the data (~32 bytes an action, 4 MiB to 256 MiB): every segment is
+    preallocated, so the smoke run in CI must not reserve hundreds of MB per log."""
+    size = 4 << 20
+    while size < 32 * actions and size < 256 << 20:
+        size *= 2
+    return en.Limits(segment_bytes=size)
 QUERY_SEED = 7
 
 
@@ -120,7 +128,8 @@ def _app(log: en.Log, store: Store) -> App:
 
 
 def _append(path: str, cols: dict[str, Any], str_keys: bool = False) -> en.Log:
-    log = en.open(path, [_ev(str_keys)], shards=1, durability="none", limits=LIMITS)
+    n = len(next(iter(cols.values())))
+    log = en.open(path, [_ev(str_keys)], shards=1, durability="none", limits=_limits(n))
     log.append("ev", cols)
     log.flush()
     return log

@@ -4,17 +4,19 @@ isolation, async iteration and read-your-writes."""
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import threading
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import engine as en
 from engine import reducers as r
 
 KEYS = 24
+SMALL = en.Limits(segment_bytes=1 << 20)  # segments are preallocated: keep test logs small
 
 
 def types() -> list[en.ActionType]:
@@ -65,11 +67,12 @@ batches = st.lists(st.lists(st.tuples(st.integers(0, 5), st.integers(0, KEYS - 1
                    min_size=1, max_size=8)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None)
 @given(batches=batches, shards=st.sampled_from([1, 2]), column=st.sampled_from(["n", "total", "top"]),
        watched=st.sets(st.integers(0, KEYS + 3), min_size=1, max_size=KEYS))
-def test_key_notifications_equal_the_diff_after_every_batch(tmp_path_factory, batches, shards, column, watched):
-    log = en.open(str(tmp_path_factory.mktemp("sub")), types(), shards=shards, durability="none")
+def test_key_notifications_equal_the_diff_after_every_batch(batches, shards, column, watched):
+    tmp = tempfile.TemporaryDirectory()  # one per example: removed at once, not at session end
+    log = en.open(tmp.name, types(), shards=shards, durability="none", limits=SMALL)
     app = en.App(log, [likes_store("photo")], checkpoint_every_actions=None, checkpoint_every_s=None)
     got: list[en.Changes] = []
     app.subscribe("s", keys=sorted(watched), column=column, callback=got.append, deliver="inline",
@@ -86,16 +89,18 @@ def test_key_notifications_equal_the_diff_after_every_batch(tmp_path_factory, ba
         assert sorted(per_shard[s], key=lambda x: (x[4], x[0])) == want[s]
     app.close()
     log.close()
+    tmp.cleanup()
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=25, deadline=None)
 @given(batches=batches, column=st.sampled_from(["n", "total", "top"]),
        watched=st.sets(st.integers(0, KEYS - 1), min_size=1, max_size=KEYS))
-def test_combined_answers_form_an_exact_chain(tmp_path_factory, batches, column, watched):
+def test_combined_answers_form_an_exact_chain(batches, column, watched):
     """A photo's answer combines two shards (likes partitioned by user): per key the
     notifications chain old -> new without gaps, never repeat an answer, and end at the
     final answer; keys whose answer never changed are never notified."""
-    log = en.open(str(tmp_path_factory.mktemp("sub")), types(), shards=2, durability="none")
+    tmp = tempfile.TemporaryDirectory()
+    log = en.open(tmp.name, types(), shards=2, durability="none", limits=SMALL)
     app = en.App(log, [likes_store("user")], checkpoint_every_actions=None, checkpoint_every_s=None)
     got: list[en.Changes] = []
     app.subscribe("s", keys=sorted(watched), column=column, callback=got.append, deliver="inline",
@@ -122,12 +127,14 @@ def test_combined_answers_form_an_exact_chain(tmp_path_factory, batches, column,
         assert chain[-1][1] == end
     app.close()
     log.close()
+    tmp.cleanup()
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=25, deadline=None)
 @given(batches=batches, k=st.integers(1, 4))
-def test_top_k_notified_iff_the_top_changed(tmp_path_factory, batches, k):
-    log = en.open(str(tmp_path_factory.mktemp("sub")), types(), shards=1, durability="none")
+def test_top_k_notified_iff_the_top_changed(batches, k):
+    tmp = tempfile.TemporaryDirectory()
+    log = en.open(tmp.name, types(), shards=1, durability="none", limits=SMALL)
     app = en.App(log, [likes_store("photo")], checkpoint_every_actions=None, checkpoint_every_s=None)
     got: list[en.Change] = []
     app.subscribe("s", top=k, column="n", callback=got.append, deliver="inline")
@@ -140,11 +147,12 @@ def test_top_k_notified_iff_the_top_changed(tmp_path_factory, batches, k):
     assert [(c.old, c.new) for c in got] == want
     app.close()
     log.close()
+    tmp.cleanup()
 
 
 @pytest.fixture
 def app(tmp_path):
-    log = en.open(str(tmp_path / "d"), types(), shards=2, durability="none")
+    log = en.open(str(tmp_path / "d"), types(), shards=2, durability="none", limits=SMALL)
     a = en.App(log, [likes_store("photo")], checkpoint_every_actions=None, checkpoint_every_s=None)
     yield a
     a.close()
@@ -270,7 +278,7 @@ def test_owner_shards_agree_with_the_log_routing_and_reads_use_them(tmp_path, st
     (a regression: first/last in the fused row layout read as 0 when shards were combined)."""
     k = en.key("k", str) if str_keys else en.key("k")
     log = en.open(str(tmp_path / "d"), [en.ActionType("ev", {"k": k, "v": en.int64}, partition="k")],
-                  shards=3, durability="none")
+                  shards=3, durability="none", limits=SMALL)
     st = en.Store("agg", key="k", columns={"n": np.int64, "s": np.int64, "last": np.int64},
                   reducers={"ev": [r.count("n"), r.sum("s", "v"), r.last("last", "v")]})
     app = en.App(log, [st], checkpoint_every_actions=None, checkpoint_every_s=None)
