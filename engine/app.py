@@ -240,7 +240,8 @@ class App:
         return Receipt({s: r.stop - 1 for s, r in out.items()})
 
     def applied(self, receipt: Mapping[int, int], store: str | None = None) -> bool:
-        """Has ``store`` (default: every store and derivation) applied the receipt's actions?"""
+        """Have ``store`` and the derivations feeding it (default: every store and derivation)
+        passed the receipt's offsets?"""
         consumers = self._consumers(store)
         return all(c.shards[s].offset > off if isinstance(c, Store) else c.offsets[s] > off
                    for s, off in receipt.items() for c in consumers)
@@ -250,14 +251,27 @@ class App:
             st = self[store]
             if st.status is StoreState.FAILED:
                 st._check_readable()
-            return [st]
+            return [st, *self._upstream(store)]
         return ([s for s in self.stores.values() if s.status is StoreState.RUNNING]
                 + [d for d in self.derivations.values() if d.error is None])
 
+    def _upstream(self, store: str) -> list[Derivation]:
+        """The derivations whose output reaches ``store`` (directly or through others)."""
+        types = set(self[store].reducers)
+        out: list[Derivation] = []
+        while types:
+            t = types.pop()
+            for d in self.derivations.values():
+                if d.emits == t and d not in out and d.error is None:
+                    out.append(d)
+                    types.add(d.source)
+        return out
+
     def wait(self, receipt: Mapping[int, int], store: str | None = None,
              timeout: float | None = None) -> None:
-        """Block until ``store`` has applied the receipt's actions — or, with no store, until
-        the whole DAG has: every store and derivation, and everything derived from them.
+        """Block until ``store`` has applied the receipt's actions and whatever derivations
+        made of them for it (a post's feed items, for a feeds store) — or, with no store,
+        until the whole DAG has: every store and derivation, and everything derived.
 
         With the runtime started (:meth:`start`) this waits for it; otherwise it folds here.
         Raises TimeoutError after ``timeout`` seconds, StoreFailedError if the store failed."""
@@ -287,13 +301,13 @@ class App:
                     if left is not None and left <= 0:
                         raise TimeoutError(f"wait: {rec} not applied after {timeout} s")
                     self._progress.wait(0.05 if left is None else min(left, 0.05))
-            if store is None:
-                for d in self.derivations.values():  # then what was derived from them
-                    for s, off in rec.items():
-                        ends = d.targets_after(s, off, self.log)
-                        derived = {t: e - 1 for t, e in enumerate(ends) if e > 0}
-                        if derived and not self.applied(derived):
-                            pending.append(derived)
+            derivs = self.derivations.values() if store is None else self._upstream(store)
+            for d in derivs:  # then what was derived from them
+                for s, off in rec.items():
+                    ends = d.targets_after(s, off, self.log)
+                    derived = {t: e - 1 for t, e in enumerate(ends) if e > 0}
+                    if derived and not self.applied(derived, store):
+                        pending.append(derived)
 
     # -- the live runtime -------------------------------------------------------------------
     def start(self) -> "App":

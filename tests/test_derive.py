@@ -756,6 +756,27 @@ def test_wait_for_the_dag_waits_for_the_derived_rows(feed_log: Any) -> None:
 
 
 @pytest.mark.timeout(60)
+def test_wait_for_a_store_fed_by_a_derivation_waits_for_the_derived_rows(feed_log: Any) -> None:
+    """``wait(rc, store="feeds")`` for a post receipt: feeds folds feed_add rows, which the fan
+    derivation makes from the posts, so the wait follows the derivation to them."""
+    gate = threading.Event()
+    app = en.App(feed_log, feed_stores(),
+                 [en.Derivation("fan", "post", "feed_add", gated_fan(gate))],
+                 checkpoint_every_actions=None, checkpoint_every_s=None)
+    answers = asked(app, gate)
+    app.start()
+    try:
+        batch = post_batch()
+        rc = app.append("post", batch)
+        app.wait(rc, store="feeds")
+        assert feeds_of(app, feed_log) == expected_feeds(feed_log, batch)
+        assert answers[0] is False, answers  # it did wait
+        assert [d.name for d in app._upstream("feeds")] == ["fan"] and app._upstream("user_posts") == []
+    finally:
+        app.close()
+
+
+@pytest.mark.timeout(60)
 def test_wait_times_out_while_nothing_folds(feed_log: Any) -> None:
     """The runtime is started but stuck in a derivation: wait(timeout=) raises; once the
     derivation goes on, the same wait returns with the derived rows folded."""
