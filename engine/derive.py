@@ -278,10 +278,12 @@ class Derivation:
             if cols is None:
                 return 0
         n = len(cols[PROVENANCE])
+        # no durability wait: the App's checkpoint flushes the log before saving the cursors,
+        # and rows lost in a crash before that are derived again from their (durable) sources
         if self.raw_keys:
-            log.append(self.emits, cols)
+            log.append(self.emits, cols, wait=False)
         else:
-            log.append_ids(self.emits, cols)
+            log.append_ids(self.emits, cols, wait=False)
         self._emitted[shard] += n
         return n
 

@@ -173,12 +173,14 @@ class Log:
         return _keys.shard_of_ints(np.asarray(v).astype(np.int64, copy=False), self.shards)
 
     # -- writing: columnar -----------------------------------------------------------------
-    def append(self, type_name: str, columns: Any) -> dict[int, range]:
+    def append(self, type_name: str, columns: Any, *, wait: bool = True) -> dict[int, range]:
         """Append a columnar batch of one action type; returns ``{shard: offsets range}``.
 
         ``columns`` maps field names to numpy arrays / lists / Arrow arrays, or is a
         ``pyarrow.RecordBatch``. The whole batch is validated first: on error nothing is
-        written. Returns once durable per the log's durability mode.
+        written. Returns once durable per the log's durability mode (``wait=False``: once
+        written; the next commit or ``flush()`` makes it durable — what derivations use, whose
+        output is re-derived after a crash anyway).
         """
         self._check_writable()
         at = self.schema[type_name]
@@ -192,11 +194,12 @@ class Log:
             self._flush_pending_locked()
             cols = self._intern_columns(at, cols)
             out, seq = self._write_routed(at, type_id, cols, n, shard_ids)
-        self._after_write(seq)
+        self._after_write(seq) if wait else self._committer_wake.set()
         self._wake_listeners()
         return out
 
-    def append_ids(self, type_name: str, columns: Mapping[str, Any]) -> dict[int, range]:
+    def append_ids(self, type_name: str, columns: Mapping[str, Any], *,
+                   wait: bool = True) -> dict[int, range]:
         """Append a columnar batch whose key fields are already interned ids (derivations).
 
         Key ids must be ids of the log's dictionaries (``0 <= id < len(log.dicts[domain])``);
@@ -238,7 +241,7 @@ class Log:
         with self._lock:
             self._flush_pending_locked()
             out, seq = self._write_routed(at, type_id, cols, m, shard_ids if self.shards > 1 else None)
-        self._after_write(seq)
+        self._after_write(seq) if wait else self._committer_wake.set()
         self._wake_listeners()
         return out
 

@@ -283,6 +283,7 @@ def test_partial_append_then_checkpoint_then_restart(tmp_path: Any, monkeypatch:
     monkeypatch.setattr(ShardLog, "write_frame", write_frame)
     with en.open(path, types, durability="none", limits=limits) as log:
         app = make_app(log)
+        app._pool = None  # shards one after the other: "the second frame" is one thread's
         app.append("post", {"user": np.arange(100) % USERS, "photo": np.arange(100)})
         calls["armed"] = True
         app.settle()  # the fan derivation fails; the store and the fold go on
@@ -321,6 +322,7 @@ def park(what):
     os._exit(3)
 
 if mode == "park-frame":  # park before the second frame of the first derived append
+    app._pool = None  # one shard after the other: no other thread's frames before the park
     from engine.log import Log
     from engine.shardlog import ShardLog
     local = threading.local()
