@@ -526,8 +526,9 @@ class Hub:
                 continue
             if w.combined:
                 ch = self._diff_combined(store, w, ids, shard, offset)
-            else:
-                ch = self._diff_shard(store, w, ids, shard, offset)
+            else:  # under the shard's lock: a new subscription may be growing mask and shadow
+                with store.locks[shard]:
+                    ch = self._diff_shard(store, w, ids, shard, offset)
             if ch is None:
                 continue
             for sub in w.subs:

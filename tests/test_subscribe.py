@@ -293,3 +293,51 @@ def test_owner_shards_agree_with_the_log_routing_and_reads_use_them(tmp_path, st
     assert got["s"].tolist() == [i + 300 + i for i in range(300)]
     app.close()
     log.close()
+
+
+def test_subscribing_while_the_runtime_folds_keeps_every_chain_exact(tmp_path):
+    """New subscriptions grow the watch arrays while the runtime folds on another thread: for
+    every key each notification starts where the previous one ended, and the last one is the
+    final answer."""
+    log = en.open(str(tmp_path / "d"), types(), shards=2, durability="none", limits=SMALL)
+    app = en.App(log, [likes_store("photo")], checkpoint_every_actions=None, checkpoint_every_s=None)
+    got: list[en.Changes] = []
+    lock = threading.Lock()
+
+    def keep(ch: en.Changes) -> None:
+        with lock:
+            got.append(ch)
+
+    app.start()
+    rng = np.random.default_rng(3)
+    subs, first = [], {}
+    try:
+        for step in range(40):
+            keys = rng.integers(0, 4000, 500)
+            app.append("view", {"photo": keys, "w": rng.integers(0, 9, 500)})
+            if step % 4 == 0:  # new keys, ever larger ids: the arrays grow under the fold
+                new = list(range(step * 100, step * 100 + 100))
+                before = app["s"].get_many(new)["n"]
+                subs.append(app.subscribe("s", keys=new, column="n", callback=keep,
+                                          deliver="inline", maxsize=1 << 16))
+                first.update({k: int(v) for k, v in zip(new, before)})
+        app.settle()
+    finally:
+        app.stop()
+    final = app["s"].get_many(sorted(first))["n"]
+    chains: dict[int, list] = {}
+    for ch in got:
+        for c in ch:
+            chains.setdefault(c.key, []).append((c.old, c.new))
+    for i, k in enumerate(sorted(first)):
+        chain = chains.get(k, [])
+        for (o1, n1), (o2, _) in zip(chain, chain[1:]):
+            assert n1 == o2, f"key {k}: a change was missed or repeated between {n1} and {o2}"
+        assert all(o < n for o, n in chain), f"key {k}: counts only grow: {chain}"
+        if chain:
+            assert chain[-1][1] == final[i], (k, chain[-1], final[i])
+        else:  # unchanged since subscribed (it may have changed just before: >=)
+            assert final[i] >= first[k]
+    assert sum(len(v) for v in chains.values()) > 0
+    app.close()
+    log.close()
