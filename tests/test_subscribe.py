@@ -321,6 +321,8 @@ def test_subscribing_while_the_runtime_folds_keeps_every_chain_exact(tmp_path):
                 subs.append(app.subscribe("s", keys=new, column="n", callback=keep,
                                           deliver="inline", maxsize=1 << 16))
                 first.update({k: int(v) for k, v in zip(new, before)})
+        for _ in range(30):  # more changes after the last subscription
+            app.append("view", {"photo": rng.integers(0, 4000, 500), "w": rng.integers(0, 9, 500)})
         app.settle()
     finally:
         app.stop()
@@ -338,6 +340,7 @@ def test_subscribing_while_the_runtime_folds_keeps_every_chain_exact(tmp_path):
             assert chain[-1][1] == final[i], (k, chain[-1], final[i])
         else:  # unchanged since subscribed (it may have changed just before: >=)
             assert final[i] >= first[k]
-    assert sum(len(v) for v in chains.values()) > 0
+    # the chain checks above carry the test: nearly every subscribed key must have one
+    assert sum(1 for k in first if chains.get(k)) >= 0.9 * len(first)
     app.close()
     log.close()
