@@ -21,7 +21,7 @@ Contract shared with the native module, row by row as a plain loop would do it:
   drops out. NaN is never inserted. Slots from ``fill[k]`` on are never read;
 - ``watch_diff`` / ``watched_unique``: any id >= 0 is valid (ids past ``watched`` are not
   watched, ids past ``state`` read as value 0); a negative id is a ValueError raised before
-  anything is written. Values compare as in ``changed_keys`` (NaN == NaN, -0.0 == 0.0).
+  anything is written. Values compare as numbers, NaN == NaN, -0.0 == 0.0.
 
 This module is the test oracle first: it is vectorised numpy, not a Python loop, so it is also
 a usable fallback (``ENGINE_NO_EXTENSIONS=1``). The argument checks here are imported by the
@@ -38,7 +38,7 @@ import numpy as np
 __all__ = [
     "reduce_count", "reduce_sum", "reduce_min", "reduce_max", "reduce_first", "reduce_last",
     "fold_count_sum_last", "fold_count_sum_last_rows", "ring_push", "ring_read",
-    "changed_keys", "watch_diff", "watched_unique", "fan_out", "topk", "topk_push", "topk_read",
+    "watch_diff", "watched_unique", "fan_out", "topk", "topk_push", "topk_read",
 ]  # fmt: skip
 
 _INT64 = np.dtype(np.int64)
@@ -388,32 +388,7 @@ def ring_read(ring: np.ndarray, head: np.ndarray, key: int) -> np.ndarray:
     return r[k, np.array(slots, dtype=np.intp)]
 
 
-# ---- change detection and ranking --------------------------------------------------------------
-
-
-def _changed_args(old: Any, new: Any, key_ids: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    o = _vector(old, "old")
-    n = _vector(new, "new")
-    if o.dtype not in _VALUE_DTYPES or n.dtype != o.dtype:
-        raise TypeError(f"old and new must share one dtype, int64 or float64; got {o.dtype} and "
-                        f"{n.dtype}")
-    return o, n, _key_ids(key_ids)
-
-
-def changed_keys(old: Any, new: Any, key_ids: Any) -> np.ndarray:
-    """Distinct ids among ``key_ids`` where ``old[k] != new[k]``, in first-appearance order.
-
-    Float values compare as numbers: NaN == NaN and -0.0 == 0.0 count as unchanged.
-    """
-    o, n, ids = _changed_args(old, new, key_ids)
-    _check_range(ids, None, _lengths(o, n), "old, new")
-    a, b = o[ids], n[ids]
-    diff = a != b
-    if o.dtype == _FLOAT64:
-        diff &= ~(np.isnan(a) & np.isnan(b))
-    cand = ids[diff]
-    _, first = np.unique(cand, return_index=True)
-    return cand[np.sort(first)]
+# ---- ranking -----------------------------------------------------------------------------------
 
 
 def _topk_args(values: Any, k: Any, mask: Any) -> tuple[np.ndarray, int, np.ndarray | None]:
@@ -518,7 +493,7 @@ def watch_diff(ids: Any, watched: Any, state: Any, shadow: np.ndarray, out_ids: 
 
     Row by row: a key ``k`` is watched iff ``k < len(watched)`` and ``watched[k] != 0``; its
     value is ``state[k]``, or 0 when ``k >= len(state)``. When that differs from ``shadow[k]``
-    (as in ``changed_keys``: NaN == NaN, -0.0 == 0.0), ``(k, shadow[k], value)`` goes to
+    (NaN == NaN, -0.0 == 0.0), ``(k, shadow[k], value)`` goes to
     ``out_ids[j], out_old[j], out_new[j]``, then ``shadow[k] = value`` and ``j += 1``; so a key
     is reported at most once, in first-appearance order. ``shadow`` (``len >= len(watched)``)
     and the outputs (``len >= len(ids)``) are writeable, C-contiguous and of the state's dtype

@@ -26,7 +26,7 @@ from libc.string cimport memcpy
 import numpy as np
 
 from engine._kernels_py import (
-    _changed_args, _fill_error, _key_ids, _lengths, _mask, _negative_error, _out, _range_error,
+    _fill_error, _key_ids, _lengths, _mask, _negative_error, _out, _range_error,
     _ring, _ring_read_args, _row_state, _seen, _topk_args, _topk_read_args, _topk_state,
     _value_outs, _values, _watch_args, _watch_ids, _fan_out_args,
 )
@@ -34,7 +34,7 @@ from engine._kernels_py import (
 __all__ = [
     "reduce_count", "reduce_sum", "reduce_min", "reduce_max", "reduce_first", "reduce_last",
     "fold_count_sum_last", "fold_count_sum_last_rows", "ring_push", "ring_read",
-    "changed_keys", "watch_diff", "watched_unique", "fan_out", "topk", "topk_push", "topk_read",
+    "watch_diff", "watched_unique", "fan_out", "topk", "topk_push", "topk_read",
 ]
 
 ctypedef fused num_t:
@@ -394,62 +394,7 @@ def ring_read(ring, head, key):
     return out
 
 
-# ---- change detection and ranking -------------------------------------------------------------
-
-cdef Py_ssize_t _changed(Rows r, const num_t* old, const num_t* new, uint8_t* marks,
-                         int64_t* out) noexcept nogil:
-    """Ids whose value differs, each once (marks: one bit per key), in order; their count."""
-    cdef Py_ssize_t i, n = 0
-    cdef int64_t k
-    cdef num_t a, b
-    for i in range(r.n):
-        k = _ahead(r, i)
-        if k >= 0:
-            ENGINE_PREFETCH_R(&old[k])
-            ENGINE_PREFETCH_R(&new[k])
-        k = r.ids[i]
-        a, b = old[k], new[k]
-        if a == b:
-            continue
-        if num_t is double:
-            if a != a and b != b:   # NaN == NaN counts as unchanged
-                continue
-        if marks[k >> 3] & (1 << (k & 7)):
-            continue
-        marks[k >> 3] |= 1 << (k & 7)
-        out[n] = k
-        n += 1
-    return n
-
-
-@cython.boundscheck(False)
-cdef Py_ssize_t _changed_entry(Rows r, const num_t[::1] old, const num_t[::1] new,
-                               uint8_t* marks, int64_t[::1] out):
-    with nogil:
-        return _changed(r, &old[0], &new[0], marks, &out[0])
-
-
-def changed_keys(old, new, key_ids):
-    """Distinct ids among ``key_ids`` where ``old[k] != new[k]``, in first-appearance order.
-
-    Float values compare as numbers: NaN == NaN and -0.0 == 0.0 count as unchanged.
-    """
-    o, nw, ids = _changed_args(old, new, key_ids)
-    cdef Py_ssize_t n, keys = _lengths(o, nw)
-    cdef Rows r = _rows(ids, None, keys, "old, new", 16)
-    out = np.empty(max(ids.shape[0], 1), dtype=np.int64)
-    cdef uint8_t* marks = <uint8_t*>calloc((keys >> 3) + 1, 1)
-    if marks == NULL:
-        raise MemoryError(f"changed_keys: cannot allocate a {keys}-bit key set")
-    try:
-        if o.dtype == INT64:
-            n = _changed_entry[int64_t](r, o, nw, marks, out)
-        else:
-            n = _changed_entry[double](r, o, nw, marks, out)
-    finally:
-        free(marks)
-    return out[:n].copy()
-
+# ---- ranking ----------------------------------------------------------------------------------
 
 cdef struct Ranked:
     int64_t rank   # larger is better; ties go to the smaller id
@@ -630,7 +575,7 @@ def watch_diff(ids, watched, state, shadow, out_ids, out_old, out_new):
 
     Row by row: a key ``k`` is watched iff ``k < len(watched)`` and ``watched[k] != 0``; its
     value is ``state[k]``, or 0 when ``k >= len(state)``. When that differs from ``shadow[k]``
-    (as in ``changed_keys``: NaN == NaN, -0.0 == 0.0), ``(k, shadow[k], value)`` goes to
+    (NaN == NaN, -0.0 == 0.0), ``(k, shadow[k], value)`` goes to
     ``out_ids[j], out_old[j], out_new[j]``, then ``shadow[k] = value`` and ``j += 1``; so a key
     is reported at most once, in first-appearance order. ``shadow`` (``len >= len(watched)``)
     and the outputs (``len >= len(ids)``) are writeable, C-contiguous and of the state's dtype

@@ -410,27 +410,6 @@ def test_ring_heads_are_unsigned_counts():
 
 @pytest.mark.parametrize("mod", MODULES)
 @FAST
-@given(data=st.data())
-def test_changed_keys_in_first_appearance_order(mod, data):
-    b = data.draw(batches(), label="batch")
-    new = data.draw(st.lists(INTS if b.values.dtype == np.int64 else FLOATS,
-                             min_size=b.nkeys, max_size=b.nkeys), label="new")
-    new = np.array(new, dtype=b.values.dtype)
-    old = new.copy()
-    flip = data.draw(st.lists(st.integers(0, b.nkeys - 1), max_size=b.nkeys), label="flip")
-    for k in flip:
-        old[k] = data.draw(INTS if b.values.dtype == np.int64 else FLOATS, label="old")
-    want: list[int] = []
-    for k in b.ids.tolist():
-        a, c = old.tolist()[k], new.tolist()[k]
-        if a != c and not (is_nan(a) and is_nan(c)) and k not in want:
-            want.append(k)
-    got = mod.changed_keys(old, new, b.ids)
-    assert got.dtype == np.int64 and got.tolist() == want
-
-
-@pytest.mark.parametrize("mod", MODULES)
-@FAST
 @given(b=batches(), k=st.integers(0, 70))
 @example(b=Batch(5, np.zeros(5, np.int64), np.array([1, 5, 5, 5, 2], np.int64), None), k=2)
 @example(b=Batch(4, np.zeros(4, np.int64), np.array([math.nan, -0.0, 0.0, -math.inf]), None), k=4)
@@ -638,8 +617,6 @@ BAD_CALLS: dict[str, Callable[[Any], Any]] = {
     "ring width 0": lambda m: m.ring_push(np.zeros((4, 0), np.int64), I8.copy(), IDS, I8),
     "ring float values": lambda m: m.ring_push(np.zeros((4, 2), np.int64), I8.copy(), IDS, F8),
     "ring_read key": lambda m: m.ring_read(np.zeros((4, 2), np.int64), I8, 4),
-    "changed dtypes": lambda m: m.changed_keys(I8, F8, IDS),
-    "changed short": lambda m: m.changed_keys(I8[:3], I8[:3], IDS),
     "topk k < 0": lambda m: m.topk(I8, -1),
     "topk k float": lambda m: m.topk(I8, 1.5),
     "topk int32": lambda m: m.topk(IDS.astype(np.int32), 1),
@@ -679,7 +656,7 @@ def test_inputs_may_be_lists_strided_or_empty_of_any_dtype(mod):
     s = np.zeros(4)
     mod.reduce_sum(s, [], [])
     assert c.tolist() == [2, 2, 1, 0] and s.tolist() == [0.0] * 4
-    assert mod.topk([], 3).tolist() == [] and mod.changed_keys(s, s, []).tolist() == []
+    assert mod.topk([], 3).tolist() == []
 
 
 # ---- native entry points: references and threads ----------------------------------------------
@@ -696,7 +673,8 @@ def test_native_entry_points_keep_reference_counts():
     for _ in range(200):
         native.fold_count_sum_last(c, s, l, ids, vals, mask)
         native.reduce_max(s, seen, ids, vals, mask)
-        native.changed_keys(s, l, ids)
+        native.watch_diff(ids, seen.view(np.uint8), s, l, np.empty(300, np.int64),
+                          np.empty(300), np.empty(300))
         native.topk(vals, 5, mask)
         native.topk_push(top, fill, ids, vals, mask)
         native.topk_read(top, fill, 7)
