@@ -215,18 +215,20 @@ class App:
     def dispatch(self, type_name: str, /, **fields: Any) -> Receipt:
         """``log.dispatch`` that returns a :class:`Receipt` and wakes the runtime."""
         off = self.log.dispatch(type_name, **fields)
-        shard = 0 if self.log.shards == 1 else self.log.shard_of(
-            type_name, fields[self.log.schema[type_name].partition])
         self._wake.set()
-        return Receipt({shard: off})
+        return Receipt({self._shard_of_action(type_name, fields): off})
+
+    def _shard_of_action(self, type_name: str, fields: Mapping[str, Any]) -> int:
+        if self.log.shards == 1:
+            return 0
+        return self.log.shard_of(type_name, fields[self.log.schema[type_name].partition])
 
     def dispatch_sync(self, type_name: str, /, **fields: Any) -> Receipt:
         """Flux's synchronous dispatch: append the action, then fold its shard in this thread
         before returning (stores updated, inline subscribers called, derivations run), so the
         caller reads its own write with no wait — the lowest-latency path."""
         off = self.log.dispatch(type_name, **fields)
-        shard = 0 if self.log.shards == 1 else self.log.shard_of(
-            type_name, fields[self.log.schema[type_name].partition])
+        shard = self._shard_of_action(type_name, fields)
         with self._fold_lock:
             with self.log._lock:
                 self.log._flush_pending_locked()

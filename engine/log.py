@@ -254,11 +254,23 @@ class Log:
         if self.shards == 1:
             return np.zeros(n, np.int64)
         if p in at.key_fields:
-            raw = _raw_keys(self.dicts[at.key_fields[p]], np.asarray(v, np.int64))
-            if isinstance(raw, VarColumn):
-                return _keys.shard_of_strs((raw.offsets, raw.data), self.shards)
-            return _keys.shard_of_ints(raw, self.shards)
+            return self.shard_of_ids(at.key_fields[p], np.asarray(v, np.int64))
         return self._route(at, columns, n)
+
+    def shard_of_ids(self, domain: str, ids: np.ndarray) -> np.ndarray:
+        """The shard of each interned key id of ``domain`` (its raw key's partition hash);
+        ids the dictionary does not hold (e.g. -1) map to shard 0."""
+        d = self.dicts[domain]
+        ids = np.asarray(ids, np.int64)
+        if self.shards == 1 or not len(d):
+            return np.zeros(len(ids), np.int64)
+        ok = (ids >= 0) & (ids < len(d))
+        raw = _raw_keys(d, ids if ok.all() else np.where(ok, ids, 0))
+        if isinstance(raw, VarColumn):
+            owner = _keys.shard_of_strs((raw.offsets, raw.data), self.shards)
+        else:
+            owner = _keys.shard_of_ints(raw, self.shards)
+        return np.where(ok, owner, 0).astype(np.int64, copy=False)
 
     def add_listener(self, fn: Callable[[], None]) -> None:
         """Call ``fn()`` (cheap, non-blocking) after new frames are written."""

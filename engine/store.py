@@ -22,12 +22,10 @@ import numpy as np
 
 from ._impl import load
 from .errors import EngineError, SchemaError
-from .schema import VarColumn
 from .reducers import BUILTIN_OPS, MultiMapColumn, Reducer, Ring, TopK
 from .state import ColumnView, RowGroup, ShardState
 
 _k = load("kernels")
-_keys = load("keys")
 
 
 class StoreState(enum.Enum):
@@ -270,12 +268,15 @@ class Store:
         """Scalar columns for key ids (-1 = unknown key → zero), combined across shards."""
         ids = np.asarray(ids, np.int64)
         out: dict[str, np.ndarray] = {}
-        if shard_of_ids is None and self.copartitioned and len(self.shards) > 1:
-            shard_of_ids = self._owner_shards(ids)  # each key lives in one shard: read it there
         for c, kind in self.user_columns.items():
             if isinstance(kind, (Ring, MultiMapColumn, TopK)):
                 continue
             op = self._column_op(c)
+            if (shard_of_ids is None and self.copartitioned and len(self.shards) > 1
+                    and op in ("min", "max", "first", "last")):
+                # each key lives in one shard: read it there (sums add up the same either way;
+                # the fused row layout keeps no "seen" flags to combine by)
+                shard_of_ids = self._owner_shards(ids)
             vals = [self._read_shard(s, c, ids, op) for s in range(len(self.shards))]
             if len(vals) == 1 or shard_of_ids is not None:
                 if len(vals) == 1:
@@ -305,19 +306,8 @@ class Store:
         return out
 
     def _owner_shards(self, ids: np.ndarray) -> np.ndarray:
-        """The shard owning each key id (by its raw key's partition hash; unknown ids: 0)."""
-        d = self.log.dicts[self.domain]
-        ok = (ids >= 0) & (ids < len(d))
-        safe = np.where(ok, ids, 0) if len(d) else np.zeros(len(ids), np.int64)
-        if not len(d):
-            return safe
-        raw = d.key_of(safe)
-        if d.kind == "str":
-            v = VarColumn.from_values(list(raw))
-            owner = _keys.shard_of_strs((v.offsets, v.data), len(self.shards))
-        else:
-            owner = _keys.shard_of_ints(np.asarray(raw, np.int64), len(self.shards))
-        return np.where(ok, owner, 0).astype(np.int64)
+        """The shard owning each key id (where the log routes its raw key; unknown ids: 0)."""
+        return self.log.shard_of_ids(self.domain, ids)
 
     def _read_shard(self, s: int, c: str, ids: np.ndarray, op: str) -> Any:
         st = self.shards[s]

@@ -261,19 +261,18 @@ class Subscription:
         """The next notification (blocking up to ``timeout`` s); None on timeout or close."""
         if self.callback is not None:
             raise SubscriptionError("this subscription delivers to its callback; it has no queue to read")
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._cv:
             while True:
                 item = self._take_locked()
                 if item is not None:
                     self.delivered += 1
                     return item
-                if self.closed:
+                left = None if deadline is None else deadline - time.monotonic()
+                if self.closed or (left is not None and left <= 0):
                     return None
-                if not self._cv.wait(timeout):
-                    item = self._take_locked()
-                    if item is not None:
-                        self.delivered += 1
-                    return item
+                retry = self._retry_in()  # a throttled answer (every_s) becomes due then
+                self._cv.wait(left if retry is None else retry if left is None else min(left, retry))
 
     def drain(self) -> list[Any]:
         """Every notification pending now (non-blocking)."""

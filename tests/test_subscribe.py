@@ -344,3 +344,19 @@ def test_subscribing_while_the_runtime_folds_keeps_every_chain_exact(tmp_path):
     assert sum(1 for k in first if chains.get(k)) >= 0.9 * len(first)
     app.close()
     log.close()
+
+
+def test_a_throttled_query_answer_is_pulled_when_it_becomes_due(app):
+    """``every_s`` delays an evaluation; a blocked ``next()`` wakes for it rather than
+    sleeping through its whole timeout (it used to wait for the timeout, or forever)."""
+    import time
+
+    sub = app.subscribe("s", query=lambda s: s.get(3), every_s=0.3)
+    app.append("view", {"photo": [3], "w": [1]})
+    app.fold()
+    assert sub.next(5).new["n"] == 1  # the first evaluation is due at once
+    app.append("view", {"photo": [3], "w": [1]})
+    app.fold()  # due only 0.3 s after the first
+    t = time.monotonic()
+    ch = sub.next(30)
+    assert ch.new["n"] == 2 and time.monotonic() - t < 10
