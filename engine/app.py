@@ -24,7 +24,7 @@ from .errors import EngineError, SchemaError
 from .log import Log
 from .state import ShardState, write_json_atomic
 from .derive import CycleError, Derivation, Graph, StoreView
-from .store import Store, StoreFailedError, StoreState
+from .store import Store, StoreState
 from .subscribe import Hub, Subscription, SubscriptionError
 
 MANIFEST = "MANIFEST.json"

@@ -66,7 +66,6 @@ def fan_out_rows(offsets: np.ndarray, followers: np.ndarray, photos: np.ndarray,
 def caption_words(rows: DerivationInput, views: Mapping[str, StoreView]) -> dict[str, Any]:
     """post → one ``caption_word`` per word of its caption (split in Arrow, no Python loop);
     words are raw keys: a word never seen before gets its id when appended."""
-    import pyarrow as pa
     import pyarrow.compute as pc
 
     words = pc.split_pattern(rows.batch.to_arrow("post").column("caption"), " ")

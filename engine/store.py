@@ -15,7 +15,6 @@ import enum
 import hashlib
 import json
 import threading
-from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np

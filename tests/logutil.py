@@ -1,8 +1,11 @@
-"""Shared helpers for log tests: a two-type schema, content encoding, an in-process crash."""
+"""Shared helpers for log tests: a two-type schema, content encoding, an in-process crash, and
+reaping a child process killed with SIGKILL."""
 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 from typing import Any
 
 import numpy as np
@@ -64,3 +67,17 @@ def snapshot(path: str) -> dict[str, bytes]:
 def likes(ids: Any, users: Any) -> dict[str, np.ndarray]:
     ids = np.asarray(ids, np.int64)
     return {"user": np.asarray(users, np.int64), "photo": ids % 97, "ts": ids}
+
+
+def reap(p: subprocess.Popen) -> tuple[int, str, str]:
+    """SIGKILL the child if it still runs, wait for it, close its pipes; returns its exit
+    code, the rest of its stdout (lines written before the kill landed count too), its stderr."""
+    if p.poll() is None:
+        os.kill(p.pid, signal.SIGKILL)
+    code = p.wait()
+    rest = p.stdout.read().decode() if p.stdout else ""
+    err = p.stderr.read().decode() if p.stderr else ""
+    for f in (p.stdin, p.stdout, p.stderr):
+        if f is not None:
+            f.close()
+    return code, rest, err

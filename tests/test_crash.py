@@ -47,6 +47,7 @@ from typing import Any
 import pytest
 
 import engine as en
+from logutil import reap
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)  # the project root, also in CI's fresh clone
@@ -219,18 +220,10 @@ def run_child(chain: Chain, rng: random.Random, where: str,
         else:
             raise AssertionError(f"{where}: the writer exited by itself (code {p.wait()}): "
                                  f"{p.stderr.read().decode()[-3000:]}")
-        os.kill(p.pid, signal.SIGKILL)
         chain.stats[f"kill-{kill_at if isinstance(kill_at, str) else min(kill_at, 9)}"] += 1
-        rest = p.stdout.read().decode()  # acks written before the kill landed count too
-        lines.extend(rest.splitlines(keepends=True))
     finally:
-        if p.poll() is None:
-            os.kill(p.pid, signal.SIGKILL)
-        code = p.wait()
-        p.stdout.close()
-        p.stdin.close()
-        err = p.stderr.read().decode()
-        p.stderr.close()
+        code, rest, err = reap(p)
+    lines.extend(rest.splitlines(keepends=True))  # acks written before the kill landed count
     assert code == -signal.SIGKILL, f"{where}: the writer ended with {code}, not SIGKILL: {err[-3000:]}"
     attempts, acked = parse_lines(lines)
     chain.stats["acks"] += len(acked)

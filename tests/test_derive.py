@@ -53,6 +53,7 @@ from engine.demo import fan_out_rows
 from engine.derive import SHARD_BITS, SHARD_MASK, StoreView
 from engine.shardlog import ShardLog
 from engine.store import Store
+from logutil import reap
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)  # the project root, also in CI's fresh clone
@@ -412,16 +413,9 @@ def run_child(path: str, mode: str, durability: str, photo: int, rng: random.Ran
         else:
             raise AssertionError(f"{where}: the child exited by itself (code {p.wait()}): "
                                  f"{''.join(lines)[-2000:]} {p.stderr.read().decode()[-3000:]}")
-        os.kill(p.pid, signal.SIGKILL)
-        lines.extend(p.stdout.read().decode().splitlines(keepends=True))
     finally:
-        if p.poll() is None:
-            os.kill(p.pid, signal.SIGKILL)
-        code = p.wait()
-        p.stdout.close()
-        p.stdin.close()
-        err = p.stderr.read().decode()
-        p.stderr.close()
+        code, rest, err = reap(p)
+    lines.extend(rest.splitlines(keepends=True))
     assert code == -signal.SIGKILL, f"{where}: the child ended with {code}: {err[-3000:]}"
     for line in lines:
         parts = line.split()

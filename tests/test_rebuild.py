@@ -693,16 +693,11 @@ def run_child(path: str, park: str, expected: str, where: str, stats: Counter) -
         else:
             raise AssertionError(f"{where}: the child exited by itself (code {p.wait()}): "
                                  f"{p.stderr.read().decode()[-3000:]}")
-        os.kill(p.pid, signal.SIGKILL)
     finally:
-        if p.poll() is None:
-            os.kill(p.pid, signal.SIGKILL)
-        code = p.wait()
-        lines += [x.strip() for x in p.stdout.read().decode().splitlines()]
-        for f in (p.stdin, p.stdout):
-            f.close()
-        err = p.stderr.read().decode()
-        p.stderr.close()
+        from logutil import reap  # here, not at the top: the child runs this file's imports
+
+        code, rest, err = reap(p)
+    lines += [x.strip() for x in rest.splitlines()]
     assert code == -signal.SIGKILL, f"{where}: the child ended with {code}: {err[-3000:]}"
     assert not [x for x in lines if x.startswith("bad-read")], (
         f"{where}: the child read an incomplete version: {lines[-5:]}")

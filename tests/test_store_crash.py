@@ -259,14 +259,10 @@ def run_child(path: str, rng: random.Random, ckpt_ms: list[float], where: str) -
         else:
             raise AssertionError(f"{where}: the child exited by itself (code {p.wait()}): "
                                  f"{p.stderr.read().decode()[-3000:]}")
-        os.kill(p.pid, signal.SIGKILL)
     finally:
-        if p.poll() is None:
-            os.kill(p.pid, signal.SIGKILL)
-        code = p.wait()
-        p.stdout.close()
-        err = p.stderr.read().decode()
-        p.stderr.close()
+        from logutil import reap  # here, not at the top: the child runs this file's imports
+
+        code, _, err = reap(p)
     assert code == -signal.SIGKILL, f"{where}: the child ended with {code}: {err[-3000:]}"
     return killed
 
