@@ -3,10 +3,10 @@
 Design note. The photo-sharing workload (``engine.demo``) is generated once and shared by every
 cell. A run appends it to a fresh data directory in columnar batches of ``batch`` actions
 (``Log.append`` per slice, in the demo's order), flushes, then folds it into the demo's stores
-and derivations (``App.settle()`` when the App has one, else ``App.fold()``). Per run three
-wall-clock times are kept: append (incl. the final flush), fold (incl. any derivation's
-fan-out and folding what it emitted), and end to end (append start → settled, App construction
-included). Throughputs count the workload's actions only; derived actions are reported apart. Runs are interleaved over the cells
+and derivations (``App.settle()``). Per run three wall-clock times are kept: append (incl. the
+final flush), fold (incl. the derivations and folding what they emitted), and end to end (append
+start → settled, App construction included). Throughputs count the workload's actions only;
+derived actions are reported apart. Runs are interleaved over the cells
 (round r visits every cell before round r + 1) so drift on a shared machine spreads evenly;
 each figure is actions ÷ the median of its ``--repeat`` times, as in BENCH.md.
 
@@ -207,18 +207,12 @@ def explain(rec: Recommendation, cores: int | None = None) -> list[str]:
 
 
 # -- measuring -------------------------------------------------------------------------------
-# The demo is growing (a derivation, a live-like append order); what it has is looked up, so
-# the sweep measures whatever the demo is: its ``interleaved`` order, ``derivations()`` and
-# ``App.settle()`` when present, else the chunks in order and ``App.fold()``.
 def _slices(chunks: list, batch: int) -> list:
-    """The workload as ``(type, columns)`` slices of at most ``batch`` rows, in append order."""
+    """The workload as ``(type, columns)`` slices of at most ``batch`` rows, in the demo's
+    live-like append order."""
     from . import demo
 
-    interleave = getattr(demo, "interleaved", None)
-    if interleave is not None:
-        return interleave(chunks, batch)
-    return [(t, {f: v[lo:lo + batch] for f, v in cols.items()})
-            for t, cols in chunks for lo in range(0, len(next(iter(cols.values()))), batch)]
+    return demo.interleaved(chunks, batch)
 
 
 def _run_once(slices: list, shards: int, durability: str, root: str,
@@ -239,15 +233,11 @@ def _run_once(slices: list, shards: int, durability: str, root: str,
             log.flush()
             t1 = time.perf_counter()
             note("fold")
-            derivations = getattr(demo, "derivations", None)
-            extra = [derivations()] if derivations is not None else []
-            app = App(log, demo.stores(), *extra, checkpoint_every_actions=None,
+            app = App(log, demo.stores(), demo.derivations(), checkpoint_every_actions=None,
                       checkpoint_every_s=None)
-            settle = getattr(app, "settle", None)
-            settle() if callable(settle) else app.fold()
+            app.settle()
             t2 = time.perf_counter()
-            derived = sum(getattr(x, "emitted", 0)
-                          for x in getattr(app, "derivations", {}).values())
+            derived = sum(d.emitted for d in app.derivations.values())
             app.close()  # folds nothing more; checkpoints (not timed)
         finally:
             log.close()
