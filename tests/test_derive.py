@@ -46,6 +46,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from logutil import reap
 
 import engine as en
 from engine import reducers as r
@@ -53,7 +54,6 @@ from engine.demo import fan_out_rows
 from engine.derive import SHARD_BITS, SHARD_MASK, StoreView
 from engine.shardlog import ShardLog
 from engine.store import Store
-from logutil import reap
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)  # the project root, also in CI's fresh clone
@@ -457,8 +457,8 @@ def test_kill9_derives_exactly_once(tmp_path: Any, durability: str) -> None:
     print(f"\nderive kill -9 seed={SEED} {durability}: {dict(sorted(stats.items()))} {got}, "
           f"{segments} segments")
     assert stats["appended"] >= ROUNDS and got["feed_add"] > 0, stats
-    if ROUNDS >= 4:  # restarts found derived rows past the checkpoint to drop
-        assert stats["recovered-with-marks"] >= 1, stats
+    # whether a timed kill leaves derived rows past the checkpoint ("recovered-with-marks")
+    # is up to timing; test_kill9_between_frames_of_a_derived_append makes it certain
 
 
 @pytest.mark.timeout(120)
