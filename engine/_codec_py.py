@@ -1,10 +1,13 @@
-"""CRC32C and the frame scanner of log format v1: the pure-Python reference twin of
-``engine._codec`` (ext/_codec.pyx). Same names, same results, same exceptions.
+"""CRC32C, the frame encoder and the frame scanner of log format v1: the pure-Python
+reference twin of ``engine._codec`` (ext/_codec.pyx). Same names, same results, same exceptions.
 
 It is the test oracle first and the fallback second. ``crc32c_reference`` is a table-driven
 CRC32C in plain Python (slow: ~15 MB/s); ``crc32c`` uses the PyPI ``crc32c`` package when it is
-importable and the reference otherwise. ``scan_frames`` makes the checks of the native kernel in
-the same order, so both report the same status and stop position for any bytes.
+importable and the reference otherwise. ``encode_frame`` is the numpy + struct writer the engine
+used before the native one, and validates its input in the same order as the native one, so
+both raise the same exception for the same bad input and write the same bytes for good input.
+``scan_frames`` makes the checks of the native kernel in the same order, so both report the same
+status and stop position for any bytes.
 
 Frame header v1, little-endian, 64 bytes:
   0 u32 magic | 4 u16 version | 6 u16 flags | 8 u32 length | 12 u32 crc (of bytes [16, length))
@@ -27,6 +30,8 @@ except ImportError:  # pragma: no cover - the package is a declared dependency
 
 __all__ = [
     "crc32c",
+    "encode_frame",
+    "frame_length",
     "scan_frames",
     "frame_header",
     "FRAME_MAGIC",
@@ -61,11 +66,18 @@ SCAN_BAD_OFFSET = 5  # first_offset != expected, count == 0, or first_offset + c
 SCAN_TRUNCATED = 6
 
 _HEADER = struct.Struct("<IHHIIQIHHQ")  # the 40 bytes before the reserved ones
+_DESC = struct.Struct("<HHB3xIIIIII")  # one column descriptor
+_I32 = struct.Struct("<i")
 _RESERVED_AT = 40  # bytes [40, 64) of the header must be zero
 _LENGTH_LIMIT = 1 << 32  # bytes; default max_frame_bytes, above any u32 length
 _INT64_MAX = (1 << 63) - 1
 _UINT32_MAX = (1 << 32) - 1
+_UINT16_MAX = (1 << 16) - 1
 _UINT64_MAX = (1 << 64) - 1
+_SSIZE_MAX = (1 << 63) - 1
+# Bytes per row of each column kind of format v1 (index = kind); 0: variable-length (13 string,
+# 14 bytes: int32 offsets in aux, bytes in data). Kinds past the end are unknown.
+_KIND_BYTES = (2, 1, 2, 4, 8, 1, 2, 4, 8, 4, 8, 1, 8, 0, 0, 8, 8)
 
 
 # ---- crc32c -----------------------------------------------------------------------------------
@@ -129,6 +141,165 @@ def crc32c(data: Any, value: int = 0) -> int:
         return crc32c_reference(data, value)
     with _bytes_of(data) as view:  # same acceptance as native whatever the package accepts
         return int(_crc32c_pkg.crc32c(view, value))
+
+
+# ---- frame encoding ---------------------------------------------------------------------------
+
+
+def _align(n: int) -> int:
+    return (n + FRAME_ALIGN - 1) & ~(FRAME_ALIGN - 1)
+
+
+def _arg(value: Any, top: int, name: str, col: int = -1) -> int:
+    value = index(value)
+    if not 0 <= value <= top:
+        where = f"column {col}: " if col >= 0 else ""
+        raise ValueError(f"{where}{name}={value} is outside [0, {top}]")
+    return value
+
+
+class _Column:
+    """One validated column: its descriptor fields, raw bytes and place in the frame."""
+
+    __slots__ = ("aux", "aux_len", "aux_off", "data", "data_len", "data_off", "field_index", "kind",
+                 "rows", "type_id")
+
+
+def _check_ncols(columns: Any) -> Any:
+    if not isinstance(columns, (list, tuple)):
+        columns = list(columns)
+    if len(columns) > _UINT16_MAX:
+        raise ValueError(f"{len(columns)} columns: a frame holds at most {_UINT16_MAX}")
+    return columns
+
+
+def _column(i: int, col: Any) -> _Column:
+    """Check column ``i`` (a 6-tuple) and view its buffers; ValueError/TypeError if bad."""
+    if not isinstance(col, tuple) or len(col) != 6:
+        raise TypeError(f"column {i}: expected a tuple (type_id, field_index, kind, rows, data, "
+                        f"aux), got {type(col).__name__}")
+    c = _Column()
+    c.type_id = _arg(col[0], _UINT16_MAX, "type_id", i)
+    c.field_index = _arg(col[1], _UINT16_MAX, "field_index", i)
+    c.kind = kind = _arg(col[2], 0xFF, "kind", i)
+    c.rows = rows = _arg(col[3], _UINT32_MAX, "rows", i)
+    c.data = np.frombuffer(col[4], np.uint8)  # raw bytes, as PyBUF_SIMPLE gives them to C
+    aux = col[5]
+    if kind >= len(_KIND_BYTES):
+        raise ValueError(f"column {i}: kind {kind} is not a column kind of format v1")
+    item = _KIND_BYTES[kind]
+    if item:
+        if aux is not None:
+            raise ValueError(f"column {i}: kind {kind} is fixed-width, so aux must be None")
+        if len(c.data) != item * rows:
+            raise ValueError(f"column {i}: data has {len(c.data)} bytes, but {rows} rows of "
+                             f"kind {kind} need {item * rows}")
+        c.aux, c.aux_len, c.data_len = None, 0, len(c.data)
+        return c
+    if aux is None:
+        raise ValueError(f"column {i}: kind {kind} is variable-length, so aux must be its "
+                         "int32 offsets (rows + 1 of them)")
+    c.aux = np.frombuffer(aux, np.uint8)
+    c.aux_len = len(c.aux)
+    if c.aux_len != 4 * (rows + 1):
+        raise ValueError(f"column {i}: aux has {c.aux_len} bytes, but {rows} rows need "
+                         f"4 * (rows + 1) = {4 * (rows + 1)}")
+    (end,) = _I32.unpack_from(c.aux, 4 * rows)
+    if not 0 <= end <= len(c.data):
+        raise ValueError(f"column {i}: offsets[rows]={end} is outside [0, len(data)="
+                         f"{len(c.data)}]")
+    c.data_len = end
+    return c
+
+
+def _layout(columns: Any) -> tuple[int, list[_Column]]:
+    """Check every column and place its buffers: the frame length and the columns."""
+    columns = _check_ncols(columns)
+    pos = _align(FRAME_HEADER_BYTES + COLUMN_DESC_BYTES * len(columns))
+    cols = []
+    for i, col in enumerate(columns):
+        c = _column(i, col)
+        if c.aux is not None:
+            c.aux_off = pos
+            pos = _align(pos + c.aux_len)
+        else:
+            c.aux_off = 0
+        c.data_off = pos
+        pos = _align(pos + c.data_len)
+        if pos > _UINT32_MAX:  # checked per column, so native sums never overflow
+            raise ValueError(f"column {i} ends at byte {pos} of the frame: a frame holds at "
+                             f"most {_UINT32_MAX} bytes")
+        cols.append(c)
+    return max(pos, FRAME_ALIGN), cols
+
+
+def frame_length(columns: Any) -> int:
+    """The length in bytes of the frame ``encode_frame`` would write for ``columns``.
+
+    Checks the columns as ``encode_frame`` does and raises the same errors.
+    """
+    return _layout(columns)[0]
+
+
+def _put(view: np.ndarray, off: int, src: np.ndarray, length: int) -> None:
+    if length:
+        view[off : off + length] = src[:length]
+
+
+def encode_frame(buf: Any, pos: int, first_offset: int, count: int, ntypes: int, flags: int,
+                 timestamp_ns: int, columns: Any) -> int:
+    """Encode one frame into the writable buffer ``buf`` at byte ``pos``; returns its length.
+
+    ``columns``: a sequence of ``(type_id, field_index, kind, rows, data, aux)`` tuples.
+    ``data`` is any C-contiguous buffer whose raw bytes are copied. ``aux`` is None for a
+    fixed-width kind (then ``data`` holds exactly ``rows`` values of the kind's width), or for
+    kinds 13 (string) and 14 (bytes) the little-endian int32 offsets buffer (``rows + 1``
+    entries, the first 0); the first ``offsets[rows]`` bytes of ``data`` are copied.
+
+    Layout: a 64-byte header, one 32-byte descriptor per column, then each column's aux and
+    data buffers, each 64-byte aligned; length = the aligned end. Only the header, the
+    descriptors and the padding are zeroed: no byte outside ``[pos, pos + length)`` is touched.
+    The CRC32C of bytes ``[16, length)`` is written last, at ``pos + 12``.
+
+    Everything is checked before any byte is written: TypeError for a read-only ``buf``, a
+    column that is not a 6-tuple, non-integers; ValueError for values outside their field,
+    an unknown kind, a wrong aux or data size, a frame over 2**32 - 1 bytes, or a frame that
+    does not fit ``buf`` at ``pos``; the buffer protocol's errors for non-contiguous buffers.
+    """
+    pos = _arg(pos, _SSIZE_MAX, "pos")
+    first_offset = _arg(first_offset, _UINT64_MAX, "first_offset")
+    count = _arg(count, _UINT32_MAX, "count")
+    ntypes = _arg(ntypes, _UINT16_MAX, "ntypes")
+    flags = _arg(flags, _UINT16_MAX, "flags")
+    timestamp_ns = _arg(timestamp_ns, _UINT64_MAX, "timestamp_ns")
+    out = np.frombuffer(buf, np.uint8)
+    if not out.flags.writeable:
+        raise TypeError("buf is read-only: encode_frame needs a writable buffer (a segment's "
+                        "mmap or a bytearray)")
+    length, cols = _layout(columns)
+    if pos > len(out) - length:
+        raise ValueError(f"a frame of {length} bytes at pos={pos} does not fit a buffer of "
+                         f"{len(out)} bytes")
+    view = out[pos : pos + length]
+    # Padding must be deterministic for the CRC whatever was there before; zero only the
+    # header, the descriptors and the padding, never the bytes about to be copied.
+    first_buf = min([c.data_off for c in cols] + [c.aux_off for c in cols if c.aux_len] + [length])
+    view[:first_buf] = 0
+    for c in cols:
+        view[c.data_off + c.data_len : _align(c.data_off + c.data_len)] = 0
+        if c.aux_len:
+            view[c.aux_off + c.aux_len : _align(c.aux_off + c.aux_len)] = 0
+    for i, c in enumerate(cols):
+        _DESC.pack_into(view, FRAME_HEADER_BYTES + COLUMN_DESC_BYTES * i, c.type_id,
+                        c.field_index, c.kind, c.rows, c.data_off, c.data_len, c.aux_off,
+                        c.aux_len, 0)
+        if c.aux_len:
+            _put(view, c.aux_off, c.aux, c.aux_len)
+        _put(view, c.data_off, c.data, c.data_len)
+    _HEADER.pack_into(view, 0, FRAME_MAGIC, FRAME_VERSION, flags, length, 0, first_offset, count,
+                      len(cols), ntypes, timestamp_ns)
+    struct.pack_into("<I", view, 12, crc32c(view[16:length]))
+    return length
 
 
 # ---- frame scanning ---------------------------------------------------------------------------

@@ -179,7 +179,7 @@ class App:
         end = self.log.end_offset(shard)
         if start >= end:
             return 0
-        dicts = {s.domain: self.log.dicts[s.domain] for s in live}
+        dicts = self.log.dicts
         views = {name: StoreView(st) for name, st in self.stores.items()} if derivs else {}
         hub = self.hub
         n = 0

@@ -208,7 +208,7 @@ def run_demo(args: argparse.Namespace) -> int:
             feed_items = app.derivations["feed_fanout"].emitted
             words = app.derivations["caption_words"].emitted
             derived = feed_items + words
-            timings.append((f"end to end: append + fold + derivations", total, time.perf_counter() - t))
+            timings.append(("end to end: append + fold + derivations", total, time.perf_counter() - t))
         app.stop()
         live.close()
         con.print(f"derived {feed_items:,} feed items (posts fanned out to followers) and "

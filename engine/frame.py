@@ -9,7 +9,8 @@ type's rows, in order. Variable-length values (string, bytes) are Arrow's layout
 offsets (rows + 1) in the aux buffer, bytes in the data buffer. Key fields hold interned int64
 ids. Every buffer is 64-byte aligned so numpy and pyarrow view it in place without copying.
 
-Writing: buffers first, header next, CRC last; a torn write fails its CRC and is cut on open.
+Writing (``_codec.encode_frame``, native, or its pure-Python twin): buffers first, header
+next, CRC last; a torn write fails its CRC and is cut on open.
 Reading: every descriptor is bounds-checked against the frame before a view is made, so no
 file, however crafted, can make a view reach outside its frame. Every type present has a column
 for each of its fields, except fields with a default (absent from frames written before the
@@ -37,6 +38,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 _codec = load("codec")
 crc32c = _codec.crc32c
+_encode_frame = _codec.encode_frame
 
 FRAME_MAGIC = 0x46474E45
 FRAME_VERSION = 1
@@ -154,9 +156,27 @@ def frame_layout(columns: Sequence[ColumnSpec]) -> tuple[int, list[tuple[int, in
     return max(pos, ALIGN), places
 
 
-def _put(view: np.ndarray, off: int, arr: np.ndarray, length: int) -> None:
-    if length:
-        view[off : off + length] = np.frombuffer(memoryview(np.ascontiguousarray(arr)).cast("B"), np.uint8, length)
+def _column_tuples(columns: Sequence[ColumnSpec]) -> list[tuple]:
+    """The ``(type_id, field_index, kind, rows, data, aux)`` tuples of ``_codec.encode_frame``."""
+    out = []
+    for c in columns:
+        v = c.values
+        if type(v) is not np.ndarray and isinstance(v, _VARS):  # a plain array skips isinstance
+            out.append((c.type_id, c.field_index, c.kind, len(v.offsets) - 1, v.data,
+                        v.offsets.astype("<i4", copy=False)))
+        else:
+            out.append((c.type_id, c.field_index, c.kind, len(v), v, None))
+    return out
+
+
+def frame_size(columns: Sequence[ColumnSpec]) -> tuple[int, list[tuple] | None]:
+    """The frame length of ``columns`` and their encoder tuples (pass them to ``write_frame``
+    as ``tuples``: built once for both calls); None when a column is strided."""
+    cols = _column_tuples(columns)
+    try:
+        return _codec.frame_length(cols), cols
+    except (ValueError, BufferError):
+        return frame_layout(columns)[0], None
 
 
 def write_frame(
@@ -169,41 +189,28 @@ def write_frame(
     timestamp_ns: int,
     sparse: bool = False,
     layout: tuple[int, list[tuple[int, int, int, int]]] | None = None,
+    tuples: list[tuple] | None = None,
 ) -> int:
     """Encode one frame into writable buffer ``buf`` at byte ``pos``; returns its length.
 
-    The caller guarantees room (see ``frame_layout``; pass its result as ``layout`` to avoid
-    computing it twice); the bytes past ``pos`` are zero.
+    The caller makes room (``frame_layout`` gives the length; ``layout``, its result, is only
+    checked against the length written). Only bytes [pos, pos + length) are written. Bad input
+    (no room, a column whose size disagrees with its kind and rows, ...) raises ValueError or
+    TypeError from ``_codec.encode_frame`` and leaves ``buf`` unchanged.
     """
-    length, places = layout if layout is not None else frame_layout(columns)
-    view = np.frombuffer(buf, np.uint8, count=length, offset=pos)
-    # Padding must be deterministic for the CRC whatever was there before; zero only the
-    # header, the descriptors and the padding, never the bytes about to be copied.
-    first_buf = min([p[0] for p in places] + [p[2] for p in places if p[3]] + [length])
-    view[:first_buf] = 0
-    for data_off, data_len, aux_off, aux_len in places:
-        view[data_off + data_len : _align(data_off + data_len)] = 0
-        if aux_len:
-            view[aux_off + aux_len : _align(aux_off + aux_len)] = 0
-    for i, (col, (data_off, data_len, aux_off, aux_len)) in enumerate(zip(columns, places)):
-        _DESC.pack_into(
-            buf, pos + HEADER_BYTES + DESC_BYTES * i,
-            col.type_id, col.field_index, col.kind, col.rows,
-            data_off, data_len, aux_off, aux_len, 0,
-        )
-        v = col.values
-        if isinstance(v, _VARS):
-            _put(view, aux_off, v.offsets.astype("<i4", copy=False), aux_len)
-            _put(view, data_off, v.data[:data_len], data_len)
-        else:
-            _put(view, data_off, v, data_len)
     flags = (FLAG_TYPE_COLUMN if ntypes > 1 else 0) | (FLAG_SPARSE if sparse else 0)
-    _HEADER.pack_into(
-        buf, pos, FRAME_MAGIC, FRAME_VERSION, flags, length, 0,
-        first_offset, count, len(columns), ntypes, timestamp_ns,
-    )
-    crc = crc32c(memoryview(view)[16:length])
-    struct.pack_into("<I", buf, pos + 12, crc)
+    cols = _column_tuples(columns) if tuples is None else tuples
+    try:
+        length = _encode_frame(buf, pos, first_offset, count, ntypes, flags, timestamp_ns, cols)
+    except (ValueError, BufferError):
+        length = -1
+    if length < 0:
+        # A strided column (a slice with a step) is not one block of memory: copy such columns
+        # and try again. Any other error is raised again, unchanged, by the second call.
+        cols = [(t, f, k, r, np.ascontiguousarray(d), a if a is None else np.ascontiguousarray(a))
+                for t, f, k, r, d, a in cols]
+        length = _encode_frame(buf, pos, first_offset, count, ntypes, flags, timestamp_ns, cols)
+    assert layout is None or layout[0] == length, (layout[0], length)
     return length
 
 
@@ -282,8 +289,12 @@ class Batch:
             memo = self._memo = {}
         names = memo.get("type_names")
         if names is None:
-            names = memo["type_names"] = [self._schema.type_by_id(t).name for t in self.type_ids
-                                          if self._rows(t)[1] > self._rows(t)[0]]
+            if self._types is None and self._stop > self._start:  # one type: every row
+                names = [self._schema.type_by_id(t).name for t in self._cols]
+            else:
+                names = [self._schema.type_by_id(t).name for t in self.type_ids
+                         if self._rows(t)[1] > self._rows(t)[0]]
+            memo["type_names"] = names
         return names
 
     @property
@@ -347,9 +358,12 @@ class Batch:
         return got
 
     def _column(self, type_name: str, field: str) -> np.ndarray | Var:
-        t = self._type_id(type_name)
-        at = self._schema[type_name]
-        idx = at.field_index(field)
+        slots = self._schema.field_slots
+        slot = slots.get((type_name, field))
+        if slot is None:
+            at = self._schema[type_name]
+            slot = slots[(type_name, field)] = (self._type_id(type_name), at, at.field_index(field))
+        t, at, idx = slot
         lo, hi = self._rows(t)
         cols = self._cols.get(t)
         if cols is None or idx not in cols:
@@ -357,7 +371,7 @@ class Batch:
         v = cols[idx]
         if isinstance(v, Var):
             return Var(v.offsets[lo : hi + 1], v.data)
-        return v[lo:hi]
+        return v if lo == 0 and hi == len(v) else v[lo:hi]
 
     def columns(self, type_name: str) -> dict[str, np.ndarray | Var]:
         """Every field of ``type_name``'s actions, in declaration order."""

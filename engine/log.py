@@ -103,6 +103,7 @@ class Log:
         self._fast: dict[str, Any] = {}  # type name -> (native validator or None, field names)
         self._async_scheduled = False
         self._listeners: list[Callable[[], None]] = []  # told after frames are written
+        self._field_plans: dict[int, list[tuple[int, int, Any, Any]]] = {}  # see _field_plan
         self._sync_failed: LogError | None = None  # set by a failed fdatasync: writes refused
 
     # -- metadata --------------------------------------------------------------------------
@@ -469,19 +470,30 @@ class Log:
             specs.append(ColumnSpec(0, TYPE_COLUMN_FIELD, KIND_TYPES, types))
         count = 0
         for t, columns in by_type.items():
-            at = self.schema.type_by_id(t)
-            for i, f in enumerate(at.field_names):
-                ft, v = at.fields[f], columns[i]
-                if ft.is_key:
-                    v = self.dicts[ft.domain].intern(v if isinstance(v, list) else np.asarray(v, np.int64))
+            for i, kind, ft, dictionary in self._field_plan(t):
+                v = columns[i]
+                if dictionary is not None:
+                    v = dictionary.intern(v if isinstance(v, list) else np.asarray(v, np.int64))
                 elif ft.is_var:
                     v = VarColumn.from_values(v)
                 else:
                     v = np.asarray(v, ft.dtype)
-                specs.append(ColumnSpec(t, i, kind_of(ft), v))
+                specs.append(ColumnSpec(t, i, kind, v))
             count += len(columns[0])
         self.shard_logs[shard].write_frame(specs, count, len(by_type), owned=True)
         self._written_seq += 1
+
+    def _field_plan(self, type_id: int) -> list[tuple[int, int, Any, Any]]:
+        """Per field of a type: (index, frame kind, field type, key dictionary or None)."""
+        plans = self._field_plans
+        plan = plans.get(type_id)
+        if plan is None:
+            at = self.schema.type_by_id(type_id)
+            plan = plans[type_id] = [
+                (i, kind_of(at.fields[f]), at.fields[f],
+                 self.dicts[at.fields[f].domain] if at.fields[f].is_key else None)
+                for i, f in enumerate(at.field_names)]
+        return plan
 
     # -- durability ------------------------------------------------------------------------
     def _after_write(self, seq: int, gather: bool = False) -> None:

@@ -376,7 +376,7 @@ def _decode(ft: FieldType, value: Any) -> Any:
 class Schema:
     """The action types of one data directory, each with a stable small id."""
 
-    __slots__ = ("_types", "_by_name", "_version", "_domains")
+    __slots__ = ("_types", "_by_name", "_version", "_domains", "field_slots")
 
     def __init__(self, types: Iterable[ActionType] = (), *, limits: Limits = DEFAULT_LIMITS):
         self._init(list(types), 1, limits)
@@ -397,6 +397,8 @@ class Schema:
         self._types = tuple(types)
         self._version = version
         self._domains = _domains(self._types)
+        # (type name, field) -> (type id, ActionType, field index): Batch.column's lookups
+        self.field_slots: dict[tuple[str, str], tuple[int, ActionType, int]] = {}
 
     @classmethod
     def _with_version(cls, types: list[ActionType], version: int, limits: Limits) -> Schema:

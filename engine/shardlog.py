@@ -43,7 +43,7 @@ from .frame import (
     Batch,
     ColumnSpec,
     decode_frame,
-    frame_layout,
+    frame_size,
     read_header,
     write_frame,
 )
@@ -229,8 +229,7 @@ class ShardLog:
         column arrays are the log's own (nobody else holds them), so the newest-frame cache
         may keep them instead of copies."""
         assert self.writable and count > 0
-        layout = frame_layout(columns)
-        length = layout[0]
+        length, tuples = frame_size(columns)
         seg = self.segments[-1]
         if seg.state is not SegmentState.OPEN or length > seg.room():
             assert length <= self.segment_bytes - SEG_HEADER_BYTES, "frame larger than a segment"
@@ -240,7 +239,8 @@ class ShardLog:
         first = seg.next_offset
         pos = seg.end_pos
         ts = clock.time_ns()
-        written = write_frame(seg.mm, pos, first, count, ntypes, columns, ts, layout=layout)
+        written = write_frame(seg.mm, pos, first, count, ntypes, columns, ts, tuples=tuples)
+        assert written == length, (written, length)
         seg.add_frame(pos, written, first, count)
         # the newest small frame, kept as written: the live runtime reads it back at once and
         # skips decoding (copies: the caller may reuse its arrays)
@@ -297,6 +297,11 @@ class ShardLog:
         if start < self.start_offset:
             raise LogError(f"offset {start} is no longer stored (retention); the earliest is "
                            f"{self.start_offset}", shard=self.shard, offset=start)
+        tail = self._tail
+        if (tail is not None and tail[2].first_offset == start and tail[2].end_offset == end
+                and tail[0] is self.segments[-1]):
+            yield tail[2]  # the live runtime reading back the frame just written
+            return
         pos_off = start
         si = max(0, bisect.bisect_right(self._bases, start) - 1)
         while pos_off < end and si < len(self.segments):

@@ -15,6 +15,7 @@ import enum
 import hashlib
 import json
 import threading
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -25,6 +26,18 @@ from .reducers import BUILTIN_OPS, MultiMapColumn, Reducer, Ring, TopK
 from .state import ColumnView, RowGroup, ShardState
 
 _k = load("kernels")
+
+
+@dataclass(frozen=True)
+class _TypePlan:
+    """How a store folds one action type: its key field, custom reducers (run first, with
+    undo), built-in ones, and the row group of a fused count/sum/last with its value field."""
+
+    key_field: str
+    custom: list[Reducer]
+    native: list[Reducer]
+    rows: str | None
+    rows_field: str | None
 
 
 class StoreState(enum.Enum):
@@ -73,6 +86,7 @@ class Store:
         self.key_fields = dict(key_fields or {})
         self.reducers = {t: (list(r) if isinstance(r, (list, tuple)) else [r]) for t, r in reducers.items()}
         self._rows: dict[str, str] = {}  # action type -> row group of its fused count/sum/last
+        self._plans: dict[str, _TypePlan] = {}  # filled on the first fold (after bind)
         self.columns = self._state_columns(dict(columns))
         self.user_columns = dict(columns)
         self.status = StoreState.RECOVERING
@@ -185,6 +199,7 @@ class Store:
         if not self.shards:
             self.shards = [ShardState(self.columns) for _ in range(shards)]
         self.locks = [threading.Lock() for _ in range(shards)]
+        self._plans = {}  # key fields are resolved now
 
     def transition(self, to: StoreState) -> None:
         assert to in _TRANSITIONS[self.status], f"store {self.name}: {self.status} -> {to}"
@@ -214,29 +229,43 @@ class Store:
         return batch
 
     def _apply_locked(self, st: ShardState, batch: Any) -> None:
-        present = set(batch.type_names)
-        work = [(t, rs) for t, rs in self.reducers.items() if t in present]
+        plans = self._plans or self._make_plans()
+        work = [(t, plans[t]) for t in batch.type_names if t in plans]
         if not work:
             return
-        custom = any(not r.native for _, rs in work for r in rs)
+        custom = any(p.custom for _, p in work)
         undo = self._undo_record(st, batch, work) if custom else None
         try:
-            for t, rs in work:  # custom reducers first: they are the ones that may raise
-                ids = batch.column(t, self.key_fields[t])
-                for r in rs:
-                    if not r.native:
-                        self._run_custom(st, r, ids, batch, t)
+            for t, p in work:  # custom reducers first: they are the ones that may raise
+                ids = batch.column(t, p.key_field)
+                for r in p.custom:
+                    self._run_custom(st, r, ids, batch, t)
         except BaseException:
             if undo is not None:
                 for name, (rows, saved) in undo.items():
                     st.arrays[name][rows] = saved
             raise
-        for t, rs in work:
-            ids = np.ascontiguousarray(batch.column(t, self.key_fields[t]))
-            _run_builtins(st, [r for r in rs if r.native], ids, batch, t, self._rows.get(t))
+        for t, p in work:
+            ids = np.ascontiguousarray(batch.column(t, p.key_field))
+            if p.rows is not None:  # [count, sum, last] stored together: one pass, one cache line
+                vals = np.ascontiguousarray(_plain(batch.column(t, p.rows_field)), dtype=np.int64)
+                _k.fold_count_sum_last_rows(st.arrays[p.rows], ids, vals, None)
+            _run_builtins(st, p.native, ids, batch, t)
+
+    def _make_plans(self) -> dict[str, _TypePlan]:
+        """Per action type, what folding it takes (computed once: the per-batch cost of a
+        one-action frame on the latency path is mostly this kind of bookkeeping)."""
+        for t, rs in self.reducers.items():
+            rows = self._rows.get(t)
+            fused = [r for r in rs if r.native and r.op in ("count", "sum", "last")] if rows else []
+            self._plans[t] = _TypePlan(
+                self.key_fields[t], [r for r in rs if not r.native],
+                [r for r in rs if r.native and all(r is not f for f in fused)], rows,
+                next((r.field for r in fused if r.op == "sum"), None))
+        return self._plans
 
     def _undo_record(self, st: ShardState, batch: Any, work: list) -> dict[str, tuple]:
-        ids = np.unique(np.concatenate([batch.column(t, self.key_fields[t]) for t, _ in work]))
+        ids = np.unique(np.concatenate([batch.column(t, p.key_field) for t, p in work]))
         return {name: (ids, arr[ids].copy()) for name, arr in st.arrays.items()}
 
     def _run_custom(self, st: ShardState, r: Reducer, ids: np.ndarray, batch: Any, t: str) -> None:
@@ -491,18 +520,12 @@ def _plain(v: Any) -> Any:
     return v
 
 
-def _run_builtins(st: ShardState, rs: list[Reducer], ids: np.ndarray, batch: Any, t: str,
-                  rows: str | None = None) -> None:
+def _run_builtins(st: ShardState, rs: list[Reducer], ids: np.ndarray, batch: Any, t: str) -> None:
     """Run the built-in reducers of one action type; fuses count+sum+last over one field."""
     if not rs:
         return
     done: set[int] = set()
     ops = {r.op: r for r in rs}
-    if rows is not None:  # [count, sum, last] stored together: one pass, one cache line
-        vals = np.ascontiguousarray(_plain(batch.column(t, ops["sum"].field)), dtype=np.int64)
-        _k.fold_count_sum_last_rows(st.arrays[rows], ids, vals, None)
-        done = {id(ops["count"]), id(ops["sum"]), id(ops["last"])}
-        ops = {}
     fused = ("count" in ops and "sum" in ops and "last" in ops
              and ops["sum"].field == ops["last"].field)
     if fused:

@@ -609,9 +609,9 @@ def _read_one_shard(store: Any, s: int, col: str, ids: np.ndarray) -> np.ndarray
 
 def _touched(store: Any, batch: Any) -> np.ndarray | None:
     """The key ids the batch touched in ``store`` (one array; None when it touched nothing)."""
-    present = set(batch.type_names)
-    parts = [np.ascontiguousarray(batch.column(t, store.key_fields[t]), np.int64)
-             for t in store.reducers if t in present]
+    plans = store._plans or store._make_plans()
+    parts = [np.ascontiguousarray(batch.column(t, plans[t].key_field), np.int64)
+             for t in batch.type_names if t in plans]
     if not parts:
         return None
     return parts[0] if len(parts) == 1 else np.concatenate(parts)

@@ -1,4 +1,5 @@
-"""CRC32C and the frame scanner of log format v1 (native; the twin is engine/_codec_py.py).
+"""CRC32C, the frame encoder and the frame scanner of log format v1 (native; the twin is
+engine/_codec_py.py).
 
 Design note. Every entry point takes a generic read-only buffer (PyBUF_SIMPLE), so bytes,
 mmap.mmap (read-only too), C-contiguous numpy arrays of any dtype, read-only memmaps and pyarrow
@@ -8,6 +9,9 @@ against `end` before any byte of it, and a frame's CRC range only after its leng
 checked against the bytes left, so crafted lengths or column counts cannot make it read outside
 [start, end). Outputs are owned by the caller: the wrapper hands the kernel int64 arrays with
 room for `cap` frames and grows them (doubling) while the kernel reports them full.
+The encoder checks every argument and column and holds every buffer before it writes a byte,
+then lays the frame out in one C pass (without the GIL from 64 KiB on): it never writes outside
+[pos, pos + length) and leaves the buffer untouched when it raises.
 
 Frame header v1, little-endian, 64 bytes:
   0 u32 magic | 4 u16 version | 6 u16 flags | 8 u32 length | 12 u32 crc (of bytes [16, length))
@@ -16,7 +20,13 @@ Frame header v1, little-endian, 64 bytes:
 """
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
-from libc.stdint cimport INT64_MAX, UINT64_MAX, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from cpython.long cimport PyLong_AsLongLongAndOverflow
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from cpython.number cimport PyNumber_Index
+from libc.stdint cimport (
+    INT64_MAX, UINT64_MAX, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t,
+)
+from libc.string cimport memcpy, memset
 
 from operator import index
 
@@ -32,9 +42,10 @@ cdef extern from "crc32c.h" nogil:
     int engine_crc32c_hw_available()
 
 __all__ = [
-    "crc32c", "scan_frames", "frame_header", "FRAME_MAGIC", "FRAME_VERSION", "FRAME_HEADER_BYTES",
-    "COLUMN_DESC_BYTES", "FRAME_ALIGN", "FRAME_FLAG_TYPE_COLUMN", "FRAME_FLAG_SPARSE", "SCAN_END", "SCAN_BAD_MAGIC",
-    "SCAN_BAD_VERSION", "SCAN_BAD_LENGTH", "SCAN_BAD_CRC", "SCAN_BAD_OFFSET", "SCAN_TRUNCATED",
+    "crc32c", "encode_frame", "frame_length", "scan_frames", "frame_header", "FRAME_MAGIC",
+    "FRAME_VERSION", "FRAME_HEADER_BYTES", "COLUMN_DESC_BYTES", "FRAME_ALIGN",
+    "FRAME_FLAG_TYPE_COLUMN", "FRAME_FLAG_SPARSE", "SCAN_END", "SCAN_BAD_MAGIC", "SCAN_BAD_VERSION",
+    "SCAN_BAD_LENGTH", "SCAN_BAD_CRC", "SCAN_BAD_OFFSET", "SCAN_TRUNCATED",
 ]
 
 cdef enum:
@@ -121,6 +132,276 @@ def _crc32c_sw(data, value=0):
 def _crc32c_hw_available():
     """True when ``crc32c`` uses the SSE4.2 instruction on this machine."""
     return engine_crc32c_hw_available() != 0
+
+
+# ---- frame encoding ---------------------------------------------------------------------------
+
+cdef enum:
+    _NKINDS = 17
+    _NCOLS_MAX = 0xFFFF
+
+# Bytes per row of each column kind of format v1 (index = kind); 0: variable-length (13 string,
+# 14 bytes: int32 offsets in aux, bytes in data). Kinds from _NKINDS on are unknown.
+cdef uint8_t _KIND_BYTES[_NKINDS]
+_KIND_BYTES[:] = [2, 1, 2, 4, 8, 1, 2, 4, 8, 4, 8, 1, 8, 0, 0, 8, 8]
+
+
+cdef struct _Column:
+    const uint8_t *data
+    const uint8_t *aux  # the int32 offsets of a variable-length kind; unused when aux_len == 0
+    uint64_t data_off, data_len, aux_off, aux_len  # bytes; offsets from the frame start
+    uint32_t rows
+    uint16_t type_id, field_index
+    uint8_t kind
+
+
+cdef struct _Frame:
+    _Column *cols
+    Py_buffer *views  # the column buffers held; views[:held] are released by _release
+    Py_ssize_t ncols, held
+    uint64_t length  # bytes, a multiple of 64
+
+
+cdef struct _Head:
+    uint64_t pos, first_offset, count, ntypes, flags, timestamp_ns
+
+
+cdef inline uint64_t _align(uint64_t n) noexcept nogil:
+    return (n + _ALIGN - 1) & ~(<uint64_t>_ALIGN - 1)
+
+
+cdef inline void _put16(uint8_t *p, uint64_t v) noexcept nogil:
+    p[0] = <uint8_t>v
+    p[1] = <uint8_t>(v >> 8)
+
+
+cdef inline void _put32(uint8_t *p, uint64_t v) noexcept nogil:
+    _put16(p, v)
+    _put16(p + 2, v >> 16)
+
+
+cdef inline void _put64(uint8_t *p, uint64_t v) noexcept nogil:
+    _put32(p, v)
+    _put32(p + 4, v >> 32)
+
+
+cdef int _arg(object value, uint64_t top, str name, Py_ssize_t col, uint64_t *out) except -1:
+    """``*out = value`` if it is an integer in [0, top]; ValueError (TypeError) otherwise."""
+    cdef int overflow = 0
+    cdef long long v
+    value = PyNumber_Index(value)
+    v = PyLong_AsLongLongAndOverflow(value, &overflow)
+    if overflow == 0 and v >= 0 and <uint64_t>v <= top:
+        out[0] = <uint64_t>v
+        return 0
+    if overflow > 0 and value <= top:  # above INT64_MAX, still a valid u64
+        out[0] = value
+        return 0
+    where = f"column {col}: " if col >= 0 else ""
+    raise ValueError(f"{where}{name}={value} is outside [0, {top}]")
+
+
+cdef inline Py_buffer *_hold(object obj, _Frame *f) except NULL:
+    cdef Py_buffer *view = &f.views[f.held]
+    PyObject_GetBuffer(obj, view, PyBUF_SIMPLE)
+    f.held += 1
+    return view
+
+
+cdef void _release(_Frame *f) noexcept:
+    cdef Py_ssize_t i
+    for i in range(f.held):
+        PyBuffer_Release(&f.views[i])
+    f.held = 0
+    PyMem_Free(f.cols)
+    f.cols = NULL
+
+
+cdef int _column(Py_ssize_t i, object col, _Column *c, _Frame *f) except -1:
+    """Check column ``i`` (a 6-tuple), hold its buffers and fill ``c`` but its offsets."""
+    cdef uint64_t v, rows, item
+    cdef Py_buffer *data
+    cdef Py_buffer *aux
+    cdef int64_t end
+    cdef tuple t
+    if not isinstance(col, tuple) or len(<tuple>col) != 6:
+        raise TypeError(f"column {i}: expected a tuple (type_id, field_index, kind, rows, data, "
+                        f"aux), got {type(col).__name__}")
+    t = <tuple>col
+    _arg(t[0], 0xFFFF, "type_id", i, &v)
+    c.type_id = <uint16_t>v
+    _arg(t[1], 0xFFFF, "field_index", i, &v)
+    c.field_index = <uint16_t>v
+    _arg(t[2], 0xFF, "kind", i, &v)
+    c.kind = <uint8_t>v
+    _arg(t[3], 0xFFFFFFFF, "rows", i, &rows)
+    c.rows = <uint32_t>rows
+    data = _hold(t[4], f)
+    c.data = <const uint8_t *>data.buf
+    if c.kind >= _NKINDS:
+        raise ValueError(f"column {i}: kind {c.kind} is not a column kind of format v1")
+    item = _KIND_BYTES[c.kind]
+    if item:
+        if t[5] is not None:
+            raise ValueError(f"column {i}: kind {c.kind} is fixed-width, so aux must be None")
+        if <uint64_t>data.len != item * rows:
+            raise ValueError(f"column {i}: data has {data.len} bytes, but {rows} rows of "
+                             f"kind {c.kind} need {item * rows}")
+        c.aux, c.aux_len, c.data_len = NULL, 0, data.len
+        return 0
+    if t[5] is None:
+        raise ValueError(f"column {i}: kind {c.kind} is variable-length, so aux must be its "
+                         "int32 offsets (rows + 1 of them)")
+    aux = _hold(t[5], f)
+    c.aux, c.aux_len = <const uint8_t *>aux.buf, aux.len
+    if c.aux_len != 4 * (rows + 1):
+        raise ValueError(f"column {i}: aux has {c.aux_len} bytes, but {rows} rows need "
+                         f"4 * (rows + 1) = {4 * (rows + 1)}")
+    end = <int32_t>_u32(c.aux + 4 * rows)
+    if not 0 <= end <= data.len:
+        raise ValueError(f"column {i}: offsets[rows]={end} is outside [0, len(data)="
+                         f"{data.len}]")
+    c.data_len = <uint64_t>end
+    return 0
+
+
+cdef int _gather(object columns, _Frame *f) except -1:
+    """Check every column, hold its buffers and place them: fills ``f``; _release undoes it."""
+    cdef Py_ssize_t i, n
+    cdef uint64_t pos
+    cdef _Column *c
+    if not isinstance(columns, (list, tuple)):
+        columns = list(columns)
+    n = len(columns)
+    if n > _NCOLS_MAX:
+        raise ValueError(f"{n} columns: a frame holds at most {_NCOLS_MAX}")
+    # one block: the columns, then room for two buffers (data, aux) per column
+    f.cols = <_Column *>PyMem_Malloc(n * (sizeof(_Column) + 2 * sizeof(Py_buffer)) + 1)
+    if f.cols == NULL:
+        raise MemoryError()
+    f.views = <Py_buffer *>(f.cols + n)
+    f.ncols, f.held = n, 0
+    pos = _align(_HEADER_BYTES + _DESC_BYTES * n)
+    for i in range(n):
+        c = &f.cols[i]
+        _column(i, columns[i], c, f)
+        c.aux_off = 0
+        if c.aux_len:
+            c.aux_off = pos
+            pos = _align(pos + c.aux_len)
+        c.data_off = pos
+        pos = _align(pos + c.data_len)
+        if pos > 0xFFFFFFFF:  # checked per column, so the sums above never overflow
+            raise ValueError(f"column {i} ends at byte {pos} of the frame: a frame holds at "
+                             f"most {0xFFFFFFFF} bytes")
+    f.length = max(pos, <uint64_t>_ALIGN)
+    return 0
+
+
+cdef void _pad(uint8_t *p, uint64_t end) noexcept nogil:
+    memset(p + end, 0, _align(end) - end)
+
+
+cdef void _write(uint8_t *p, const _Frame *f, const _Head *h) noexcept nogil:
+    """Lay the checked frame ``f`` out at ``p`` (its ``f.length`` bytes are all written)."""
+    cdef Py_ssize_t i
+    cdef const _Column *c
+    cdef uint8_t *d
+    # header, descriptors and their padding: zero, then the non-zero fields are stored
+    memset(p, 0, _align(_HEADER_BYTES + _DESC_BYTES * f.ncols))
+    for i in range(f.ncols):
+        c = &f.cols[i]
+        d = p + _HEADER_BYTES + _DESC_BYTES * i
+        _put16(d, c.type_id)
+        _put16(d + 2, c.field_index)
+        d[4] = c.kind
+        _put32(d + 8, c.rows)
+        _put32(d + 12, c.data_off)
+        _put32(d + 16, c.data_len)
+        _put32(d + 20, c.aux_off)
+        _put32(d + 24, c.aux_len)
+        if c.aux_len:
+            memcpy(p + c.aux_off, c.aux, c.aux_len)
+            _pad(p, c.aux_off + c.aux_len)
+        if c.data_len:
+            memcpy(p + c.data_off, c.data, c.data_len)
+        _pad(p, c.data_off + c.data_len)
+    _put32(p, _MAGIC)
+    _put16(p + 4, _VERSION)
+    _put16(p + 6, h.flags)
+    _put32(p + 8, f.length)
+    _put64(p + 16, h.first_offset)
+    _put32(p + 24, h.count)
+    _put16(p + 28, f.ncols)
+    _put16(p + 30, h.ntypes)
+    _put64(p + 32, h.timestamp_ns)
+    _put32(p + 12, engine_crc32c(0, p + 16, f.length - 16))
+
+
+def frame_length(columns):
+    """The length in bytes of the frame ``encode_frame`` would write for ``columns``.
+
+    Checks the columns as ``encode_frame`` does and raises the same errors.
+    """
+    cdef _Frame f
+    f.cols, f.held = NULL, 0
+    try:
+        _gather(columns, &f)
+    finally:
+        _release(&f)
+    return f.length
+
+
+def encode_frame(buf, pos, first_offset, count, ntypes, flags, timestamp_ns, columns):
+    """Encode one frame into the writable buffer ``buf`` at byte ``pos``; returns its length.
+
+    ``columns``: a sequence of ``(type_id, field_index, kind, rows, data, aux)`` tuples.
+    ``data`` is any C-contiguous buffer whose raw bytes are copied. ``aux`` is None for a
+    fixed-width kind (then ``data`` holds exactly ``rows`` values of the kind's width), or for
+    kinds 13 (string) and 14 (bytes) the little-endian int32 offsets buffer (``rows + 1``
+    entries, the first 0); the first ``offsets[rows]`` bytes of ``data`` are copied.
+
+    Layout: a 64-byte header, one 32-byte descriptor per column, then each column's aux and
+    data buffers, each 64-byte aligned; length = the aligned end. Only the header, the
+    descriptors and the padding are zeroed: no byte outside ``[pos, pos + length)`` is touched.
+    The CRC32C of bytes ``[16, length)`` is written last, at ``pos + 12``. The GIL is released
+    for frames of 64 KiB or more.
+
+    Everything is checked before any byte is written: TypeError for a read-only ``buf``, a
+    column that is not a 6-tuple, non-integers; ValueError for values outside their field,
+    an unknown kind, a wrong aux or data size, a frame over 2**32 - 1 bytes, or a frame that
+    does not fit ``buf`` at ``pos``; the buffer protocol's errors for non-contiguous buffers.
+    """
+    cdef _Head h
+    cdef _Frame f
+    cdef Py_buffer out
+    cdef uint8_t *p
+    _arg(pos, INT64_MAX, "pos", -1, &h.pos)
+    _arg(first_offset, UINT64_MAX, "first_offset", -1, &h.first_offset)
+    _arg(count, 0xFFFFFFFF, "count", -1, &h.count)
+    _arg(ntypes, 0xFFFF, "ntypes", -1, &h.ntypes)
+    _arg(flags, 0xFFFF, "flags", -1, &h.flags)
+    _arg(timestamp_ns, UINT64_MAX, "timestamp_ns", -1, &h.timestamp_ns)
+    PyObject_GetBuffer(buf, &out, PyBUF_SIMPLE)
+    f.cols, f.held = NULL, 0
+    try:
+        if out.readonly:
+            raise TypeError("buf is read-only: encode_frame needs a writable buffer (a "
+                            "segment's mmap or a bytearray)")
+        _gather(columns, &f)
+        if h.pos + f.length > <uint64_t>out.len:
+            raise ValueError(f"a frame of {f.length} bytes at pos={h.pos} does not fit a buffer "
+                             f"of {out.len} bytes")
+        p = <uint8_t *>out.buf + h.pos
+        if f.length >= <uint64_t>_GIL_FREE_BYTES:
+            with nogil:
+                _write(p, &f, &h)
+        else:
+            _write(p, &f, &h)
+    finally:
+        _release(&f)
+        PyBuffer_Release(&out)
+    return f.length
 
 
 # ---- frame scanning ---------------------------------------------------------------------------

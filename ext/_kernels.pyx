@@ -24,6 +24,9 @@ from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcpy
 
 import numpy as np
+cimport numpy as cnp
+
+cnp.import_array()
 
 from engine._kernels_py import (
     _fill_error, _key_ids, _lengths, _mask, _negative_error, _out, _range_error,
@@ -78,6 +81,27 @@ cdef inline bint _skip(Rows r, Py_ssize_t i) noexcept nogil:
     return r.mask != NULL and r.mask[i] == 0
 
 
+cdef inline bint _plain(object a, int typenum, bint writeable):
+    """``a`` is a 1-D, C-contiguous, native-order ndarray of ``typenum`` (and writeable if
+    asked): its data pointer can be used as is. The fast path of small calls — the checking
+    helpers shared with the twin cost ~1 µs per call, most of a one-action fold — takes
+    arguments that pass this; anything else goes through the helpers (same results)."""
+    if not cnp.PyArray_Check(a):
+        return False
+    cdef cnp.ndarray arr = <cnp.ndarray>a
+    return (cnp.PyArray_NDIM(arr) == 1 and cnp.PyArray_TYPE(arr) == typenum
+            and cnp.PyArray_IS_C_CONTIGUOUS(arr) and cnp.PyArray_ISNOTSWAPPED(arr)
+            and (not writeable or cnp.PyArray_ISWRITEABLE(arr)))
+
+
+cdef inline void* _data(object a) noexcept:
+    return cnp.PyArray_DATA(<cnp.ndarray>a)
+
+
+cdef inline Py_ssize_t _len(object a) noexcept:
+    return cnp.PyArray_DIM(<cnp.ndarray>a, 0)
+
+
 cdef inline int64_t _ahead(Rows r, Py_ssize_t i) noexcept nogil:
     """The id `ahead` rows on, to prefetch; -1 if none (or out of range: rows the mask
     drops are not checked)."""
@@ -113,12 +137,19 @@ cdef Rows _rows(object ids, object m, Py_ssize_t keys, str outputs,
     The caller holds `ids` and `m` (C-contiguous arrays) while any loop uses the pointers."""
     cdef const int64_t[::1] iv = ids
     cdef const uint8_t[::1] mv
-    cdef Rows r
-    cdef Py_ssize_t row
-    r.ids, r.n, r.mask, r.keys = &iv[0], iv.shape[0], NULL, keys
+    cdef const uint8_t* mp = NULL
     if m is not None:
         mv = m
-        r.mask = &mv[0]
+        mp = &mv[0]
+    return _checked_rows(ids, &iv[0], mp, iv.shape[0], keys, outputs, bytes_per_key)
+
+
+cdef Rows _checked_rows(object ids, const int64_t* p, const uint8_t* mask, Py_ssize_t n,
+                        Py_ssize_t keys, str outputs, Py_ssize_t bytes_per_key) except *:
+    """`_rows` over raw pointers (the caller holds the arrays)."""
+    cdef Rows r
+    cdef Py_ssize_t row
+    r.ids, r.n, r.mask, r.keys = p, n, mask, keys
     r.ahead = PREFETCH_AHEAD if keys * bytes_per_key >= PREFETCH_MIN_BYTES else 0
     r.ahead_stop = r.n - r.ahead if r.ahead and r.n > r.ahead else 0
     with nogil:
@@ -347,11 +378,33 @@ def fold_count_sum_last_rows(state, key_ids, values, mask=None):
     grows by adding 1.0 per row. ``state`` may have more than 3 columns (e.g. 4, so that a row
     never straddles two cache lines); the extra columns are left alone.
     """
+    cdef int vt
+    cdef Py_ssize_t width
+    cdef Rows r
+    cdef void* sp
+    cdef void* vp
+    if (mask is None and cnp.PyArray_Check(state) and cnp.PyArray_NDIM(<cnp.ndarray>state) == 2
+            and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>state)
+            and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>state)
+            and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>state)):
+        vt, width = cnp.PyArray_TYPE(<cnp.ndarray>state), cnp.PyArray_DIM(<cnp.ndarray>state, 1)
+        if ((vt == cnp.NPY_INT64 or vt == cnp.NPY_FLOAT64) and width >= 3
+                and _plain(key_ids, cnp.NPY_INT64, False) and _plain(values, vt, False)
+                and _len(values) == _len(key_ids)):
+            r = _checked_rows(key_ids, <const int64_t*>_data(key_ids), NULL, _len(key_ids),
+                              cnp.PyArray_DIM(<cnp.ndarray>state, 0), "state", 8 * width)
+            sp, vp = _data(state), _data(values)
+            with nogil:
+                if vt == cnp.NPY_INT64:
+                    _fold_rows[int64_t](r, <int64_t*>sp, width, <const int64_t*>vp)
+                else:
+                    _fold_rows[double](r, <double*>sp, width, <const double*>vp)
+            return
     st = _row_state(state)
     ids = _key_ids(key_ids)
     v = _values(values, ids.shape[0], st.dtype)
     m = _mask(mask, ids.shape[0])
-    cdef Rows r = _rows(ids, m, st.shape[0], "state", 8 * st.shape[1])
+    r = _rows(ids, m, st.shape[0], "state", 8 * st.shape[1])
     if st.dtype == INT64:
         _rows_entry[int64_t](r, st, v)
     else:
@@ -582,8 +635,49 @@ def watch_diff(ids, watched, state, shadow, out_ids, out_old, out_new):
     (``out_ids``: int64); entries from ``j`` to ``len(ids)`` are scratch (the native loop is
     branch-free and stores every row's candidate), nothing past ``len(ids)`` is written.
     """
+    cdef int vt = cnp.NPY_INT64
+    cdef Py_ssize_t n, keys, stride, row, cap
+    cdef Rows r
+    cdef const uint8_t* wp
+    cdef void* sp
+    cdef void* hp
+    cdef int64_t* ip
+    cdef void* op
+    cdef void* np_
+    if cnp.PyArray_Check(state) and cnp.PyArray_TYPE(<cnp.ndarray>state) == cnp.NPY_FLOAT64:
+        vt = cnp.NPY_FLOAT64
+    if (_plain(ids, cnp.NPY_INT64, False) and _plain(watched, cnp.NPY_UINT8, False)
+            and cnp.PyArray_Check(state) and cnp.PyArray_NDIM(<cnp.ndarray>state) == 1
+            and cnp.PyArray_TYPE(<cnp.ndarray>state) == vt
+            and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>state)
+            and _plain(shadow, vt, True) and _plain(out_ids, cnp.NPY_INT64, True)
+            and _plain(out_old, vt, True) and _plain(out_new, vt, True)):
+        n, keys = _len(ids), _len(watched)
+        stride = cnp.PyArray_STRIDE(<cnp.ndarray>state, 0) // 8
+        if (_len(shadow) >= keys and _len(out_ids) >= n and _len(out_old) >= n
+                and _len(out_new) >= n and stride >= 1
+                and stride * 8 == cnp.PyArray_STRIDE(<cnp.ndarray>state, 0)):
+            r.ids, r.n, r.mask, r.keys = <const int64_t*>_data(ids), n, NULL, (<uint64_t>1) << 63
+            with nogil:
+                row = _first_bad(r)   # as uint64, only negative ids reach 2**63
+            if row >= 0:
+                raise _negative_error(ids, row)
+            r.keys = keys
+            r.ahead = PREFETCH_AHEAD if keys * 17 >= PREFETCH_MIN_BYTES else 0
+            r.ahead_stop = r.n - r.ahead if r.ahead and r.n > r.ahead else 0
+            wp, sp, hp = <const uint8_t*>_data(watched), _data(state), _data(shadow)
+            ip, op, np_ = <int64_t*>_data(out_ids), _data(out_old), _data(out_new)
+            cap = _len(state)
+            with nogil:
+                if vt == cnp.NPY_INT64:
+                    n = _watch_diff[int64_t](r, wp, <const int64_t*>sp, cap, stride, <int64_t*>hp,
+                                             ip, <int64_t*>op, <int64_t*>np_)
+                else:
+                    n = _watch_diff[double](r, wp, <const double*>sp, cap, stride, <double*>hp,
+                                            ip, <double*>op, <double*>np_)
+            return n
     i, w, s, sh, oi, oo, on = _watch_args(ids, watched, state, shadow, out_ids, out_old, out_new)
-    cdef Rows r = _watch_rows(i, w.shape[0], 17)
+    r = _watch_rows(i, w.shape[0], 17)
     if s.dtype == INT64:
         return _watch_entry[int64_t](r, w, s, sh, oi, oo, on)
     return _watch_entry[double](r, w, s, sh, oi, oo, on)

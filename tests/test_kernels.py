@@ -798,3 +798,22 @@ def test_user_kernels_may_prefetch(jit):
     rows_fold((got,), ids, (v,), None)
     twin.fold_count_sum_last_rows(want, ids, v)
     assert same_bits((got,), (want,))
+
+
+@settings(deadline=None, max_examples=100)
+@given(ids=st.lists(st.integers(0, 40), max_size=60), dtype=st.sampled_from(["int64", "float64"]),
+       width=st.integers(3, 5))
+def test_fold_rows_fast_path_equals_the_checked_path(ids, dtype, width):
+    """mask=None with plain arrays takes the native fast path; an all-true mask goes through
+    the argument checks: the same rows, and a bad id raises the same error in both."""
+    key_ids = np.array(ids, np.int64)
+    v = (np.arange(len(ids)) * 7 - 20).astype(dtype)
+    fast, slow = np.zeros((41, width), dtype), np.zeros((41, width), dtype)
+    native.fold_count_sum_last_rows(fast, key_ids, v)
+    native.fold_count_sum_last_rows(slow, key_ids, v, np.ones(len(ids), bool))
+    assert fast.tobytes() == slow.tobytes()
+    bad = np.append(key_ids, 41)
+    for mask in (None, np.ones(len(bad), bool)):
+        with pytest.raises(ValueError, match="41") as info:
+            native.fold_count_sum_last_rows(fast, bad, np.append(v, v[:1] if len(v) else [0]).astype(dtype), mask)
+        assert "state" in str(info.value)

@@ -362,3 +362,25 @@ def test_native_entry_points_keep_reference_counts():
         with pytest.raises(ValueError):
             native.watch_diff(ids, watched, state, shadow, oi[:10], oo, on)
     assert [sys.getrefcount(a) for a in args] == before
+
+
+@FAST
+@given(c=cases(), strided_state=st.booleans())
+def test_the_native_fast_path_equals_its_checked_path(c, strided_state):
+    """Plain arguments (C-contiguous ids, uint8 watched) take the native fast path; bool
+    ``watched`` and strided ``ids`` go through the argument checks first: same results."""
+    if strided_state:  # the state as a column of a row group, read in place by both paths
+        rows = np.zeros((c["state"].shape[0], 3), c["state"].dtype)
+        rows[:, 1] = c["state"]
+        c["state"] = rows[:, 1]
+    fast, slow = copy_case(c), copy_case(c)
+    slow["state"] = c["state"]
+    fast["state"] = c["state"]
+    slow["watched"] = slow["watched"].astype(bool)
+    slow["ids"] = np.repeat(slow["ids"], 2)[::2]
+    assert not slow["ids"].flags.c_contiguous or slow["ids"].shape[0] <= 1
+    got_fast, got_slow = run(native, fast, 1), run(native, slow, 1)
+    j = got_fast[0]
+    assert j == got_slow[0]
+    assert all(bits(a[:j]) == bits(b[:j]) for a, b in zip(got_fast[1:], got_slow[1:]))
+    assert bits(fast["shadow"]) == bits(slow["shadow"])
