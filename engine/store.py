@@ -55,6 +55,9 @@ _TRANSITIONS = {
 }
 
 
+_RUNNING = StoreState.RUNNING  # one global lookup on the point-read path
+
+
 class StoreFailedError(EngineError):
     """A reducer of this store raised; the store stopped at ``shard``/``offset``."""
 
@@ -87,6 +90,8 @@ class Store:
         self.reducers = {t: (list(r) if isinstance(r, (list, tuple)) else [r]) for t, r in reducers.items()}
         self._rows: dict[str, str] = {}  # action type -> row group of its fused count/sum/last
         self._plans: dict[str, _TypePlan] = {}  # filled on the first fold (after bind)
+        self._point_cache: list[tuple[str, int, Any, Any]] | None = None  # see _point_plan
+        self._keydict: Any = None  # the log's key dictionary of this store's domain (get)
         self.columns = self._state_columns(dict(columns))
         self.user_columns = dict(columns)
         self.status = StoreState.RECOVERING
@@ -200,6 +205,7 @@ class Store:
             self.shards = [ShardState(self.columns) for _ in range(shards)]
         self.locks = [threading.Lock() for _ in range(shards)]
         self._plans = {}  # key fields are resolved now
+        self._keydict = None  # the log is (re)assigned after bind
 
     def transition(self, to: StoreState) -> None:
         assert to in _TRANSITIONS[self.status], f"store {self.name}: {self.status} -> {to}"
@@ -406,19 +412,40 @@ class Store:
 
     def get(self, key: Any) -> dict[str, Any] | None:
         """Every column's value for one raw key, or None if the key never appeared."""
-        if self.status is not StoreState.RUNNING or getattr(self, "log", None) is None:
+        if self.status is not _RUNNING:  # an App sets .log before a store runs
             self._check_readable()
+        kd = self._keydict or self._bind_keydict()
         try:
-            kid = self.log.dicts[self.domain].interner.get(key, -1)
+            kid = kd.interner.get(key, -1)
         except (TypeError, OverflowError):
             kid = int(self.key_ids([key])[0])
         if kid < 0:
             return None
-        if len(self.shards) == 1 or self.copartitioned:
-            return self._get_one_shard(key, kid)
+        shards = self.shards
+        if len(shards) == 1 or self.copartitioned:
+            # the point read from the one shard that owns the key (inlined: ~100 ns a call)
+            shard = 0 if len(shards) == 1 else self.log.shard_of_key(key)
+            st = shards[shard]
+            plan = self._point_cache or self._point_plan()
+            out: dict[str, Any] = {}
+            with self.locks[shard]:
+                arrays, inside = st.arrays, kid < st.capacity
+                for c, code, kind, zero in plan:
+                    if code == 0:  # ndarray.item(i): a Python scalar, no numpy scalar between
+                        out[c] = arrays[c].item(kid) if inside else zero
+                    elif code == 1:
+                        n = arrays[c + ".count"].item(kid) if inside else 0
+                        out[c] = arrays[c].item(kid) / n if n else zero
+                    elif isinstance(kind, Ring):
+                        out[c] = self.ring_of(c, kid, shard)
+                    elif isinstance(kind, MultiMapColumn):
+                        out[c] = self.multimap_of(c, kid)
+                    else:
+                        out[c] = self.topk_of(c, kid, kind.k)
+            return out
         with self._locked():
             scal = self.read_ids(np.array([kid]))
-            out: dict[str, Any] = {c: v[0].item() for c, v in scal.items()}
+            out = {c: v[0].item() for c, v in scal.items()}
             for c, kind in self.user_columns.items():
                 if isinstance(kind, Ring):  # (bind refuses rings here; kept total for safety)
                     out[c] = self.ring_of(c, kid, self.log.shard_of_key(key))
@@ -428,29 +455,25 @@ class Store:
                     out[c] = self.topk_of(c, kid, kind.k)
         return {c: out[c] for c in self.user_columns}
 
-    def _get_one_shard(self, key: Any, kid: int) -> dict[str, Any]:
-        """Point read from the one shard that owns the key: scalar reads, no temporaries."""
-        shard = self.log.shard_of_key(key) if len(self.shards) > 1 else 0
-        st = self.shards[shard]
-        ops = self.__dict__.get("_ops_cache") or self._ops
-        out: dict[str, Any] = {}
-        with self.locks[shard]:
-            inside = kid < st.capacity
-            for c, kind in self.user_columns.items():
-                op = ops.get(c)
-                if op is None:
-                    if isinstance(kind, Ring):
-                        out[c] = self.ring_of(c, kid, shard)
-                    elif isinstance(kind, MultiMapColumn):
-                        out[c] = self.multimap_of(c, kid)
-                    else:
-                        out[c] = self.topk_of(c, kid, kind.k)
-                elif op == "mean":
-                    n = st.arrays[c + ".count"].item(kid) if inside else 0
-                    out[c] = st.arrays[c].item(kid) / n if n else float("nan")
-                else:  # ndarray.item(i): a Python scalar without a numpy scalar in between
-                    out[c] = st.arrays[c].item(kid) if inside else self._dtype(c).type(0).item()
-        return out
+    def _point_plan(self) -> list[tuple[str, int, Any, Any]]:
+        """Per user column: (name, 0 scalar | 1 mean | 2 ring/multimap/topk, kind, the answer
+        for a key past the state) — what ``get`` does per column, worked out once."""
+        ops = self._ops
+        plan = []
+        for c, kind in self.user_columns.items():
+            op = ops.get(c)
+            if op is None:
+                plan.append((c, 2, kind, None))
+            elif op == "mean":
+                plan.append((c, 1, kind, float("nan")))
+            else:
+                plan.append((c, 0, kind, self._dtype(c).type(0).item()))
+        self._point_cache = plan
+        return plan
+
+    def _bind_keydict(self) -> Any:
+        self._keydict = self.log.dicts[self.domain]  # one per log and domain, for its lifetime
+        return self._keydict
 
     @property
     def _ops(self) -> dict[str, str]:
