@@ -263,11 +263,13 @@ class Store:
         one-action frame on the latency path is mostly this kind of bookkeeping)."""
         for t, rs in self.reducers.items():
             rows = self._rows.get(t)
-            fused = [r for r in rs if r.native and r.op in ("count", "sum", "last")] if rows else []
+            native = [r for r in rs if r.native]
+            ops = {r.op: r for r in native}  # the trio _group_rows stored together (last wins)
+            fused = [ops["count"], ops["sum"], ops["last"]] if rows else []
             self._plans[t] = _TypePlan(
                 self.key_fields[t], [r for r in rs if not r.native],
-                [r for r in rs if r.native and all(r is not f for f in fused)], rows,
-                next((r.field for r in fused if r.op == "sum"), None))
+                [r for r in native if all(r is not f for f in fused)], rows,
+                fused[1].field if fused else None)
         return self._plans
 
     def _undo_record(self, st: ShardState, batch: Any, work: list) -> dict[str, tuple]:

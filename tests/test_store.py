@@ -289,10 +289,16 @@ def test_replay_cli_and_api_rebuild_the_demo_stores(tmp_path):
         app.log.close()
 
 
-def test_count_sum_last_stored_together_equals_separate(tmp_path):
+@pytest.mark.parametrize("extra", [False, True], ids=["trio", "trio+other-sums"])
+def test_count_sum_last_stored_together_equals_separate(tmp_path, extra):
+    """With ``extra``, more sums of the same type (over another field) around the trio stay
+    separate columns and are folded too."""
     def make(fused):
         cols = {"n": np.int64, "s": np.int64, "last": np.int64}
         red = [r.count("n"), r.sum("s", "ts"), r.last("last", "ts")]
+        if extra:
+            cols |= {"p": np.int64, "p2": np.int64}
+            red = [r.sum("p", "photo"), red[0], r.sum("p2", "photo"), *red[1:]]
         return Store("agg" if fused else "sep", key="user", columns=cols, reducers={"like": red},
                      key_fields={"like": "user"}, layout="auto" if fused else "columns")
 
@@ -307,7 +313,10 @@ def test_count_sum_last_stored_together_equals_separate(tmp_path):
         app.fold()
         app.checkpoint()
         a, b = app["agg"].to_arrow(), app["sep"].to_arrow()
-        assert a.select(["key", "n", "s", "last"]).equals(b.select(["key", "n", "s", "last"]))
+        names = ["key", "n", "s", "last"] + (["p", "p2"] if extra else [])
+        assert a.select(names).equals(b.select(names))
+        if extra:
+            assert a["p"].to_pylist() == a["p2"].to_pylist() and any(a["p"].to_pylist())
         app.close()
         app = App(log, [make(True)], checkpoint_every_actions=None, checkpoint_every_s=None)
         assert app["agg"].to_arrow().equals(a)  # the row group survives the checkpoint
