@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from typing import Any
 
 import hypothesis.strategies as st
 import numpy as np
@@ -321,3 +322,47 @@ def test_count_sum_last_stored_together_equals_separate(tmp_path, extra):
         app = App(log, [make(True)], checkpoint_every_actions=None, checkpoint_every_s=None)
         assert app["agg"].to_arrow().equals(a)  # the row group survives the checkpoint
         app.close()
+
+
+EV3 = en.ActionType("ev3", {"k": en.key("k"), "a": en.int64, "b": en.int64}, partition="k")
+SCALAR_OPS = ["count", "sum", "min", "max", "first", "last", "mean"]
+
+
+def _reducer(op: str, column: str, field: str) -> r.Reducer:
+    return r.count(column) if op == "count" else getattr(r, op)(column, field)
+
+
+def _model_value(op: str, vals: list[int]) -> Any:
+    return {"count": len(vals), "sum": sum(vals), "min": min(vals), "max": max(vals),
+            "first": vals[0], "last": vals[-1], "mean": sum(vals) / len(vals)}[op]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(spec=st.lists(st.tuples(st.sampled_from(SCALAR_OPS), st.sampled_from(["a", "b"])),
+                     min_size=1, max_size=7),
+       rows=st.lists(st.tuples(st.integers(0, 6), st.integers(-50, 50), st.integers(-50, 50)),
+                     min_size=1, max_size=60),
+       cuts=st.lists(st.integers(0, 60), max_size=4), layout=st.sampled_from(["auto", "columns"]))
+def test_any_mix_of_scalar_reducers_equals_a_plain_fold(spec, rows, cuts, layout):
+    """Several reducers of one action type, repeated ops and fields included (a fused
+    count/sum/last row group forms whenever the last count, sum and last agree on a field):
+    every column equals a plain-Python fold, whatever the batch cuts."""
+    cols = {f"c{i}": (np.float64 if op == "mean" else np.int64) for i, (op, _) in enumerate(spec)}
+    reds = [_reducer(op, f"c{i}", f) for i, (op, f) in enumerate(spec)]
+    with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
+        with en.open(tmp, [EV3], durability="none", limits=SMALL) as log:
+            app = App(log, [Store("s", key="k", columns=cols, reducers={"ev3": reds}, layout=layout)],
+                      checkpoint_every_actions=None, checkpoint_every_s=None)
+            bounds = sorted({0, len(rows), *[c % (len(rows) + 1) for c in cuts]})
+            for lo, hi in zip(bounds, bounds[1:]):
+                part = rows[lo:hi]
+                log.append("ev3", {"k": [x[0] for x in part], "a": [x[1] for x in part],
+                                   "b": [x[2] for x in part]})
+                app.fold()
+            for k in sorted({x[0] for x in rows}):
+                mine = [x for x in rows if x[0] == k]
+                want = {f"c{i}": _model_value(op, [x[1] if f == "a" else x[2] for x in mine])
+                        for i, (op, f) in enumerate(spec)}
+                got = app["s"].get(k)
+                assert got == pytest.approx(want), (k, spec, app["s"]._rows)
+            app.close()
