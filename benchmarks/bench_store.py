@@ -32,6 +32,7 @@ after each benchmark (also in the once-each smoke run)::
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import time
@@ -216,6 +217,7 @@ def _fold_engine(benchmark: Any, sizes: Sizes, d: FoldData, group: str) -> None:
 
     def setup() -> tuple[tuple, dict]:
         apps.clear()  # drop the previous round's store before allocating the next
+        gc.collect()  # and free it now, not in a collection inside the timed fold
         shutil.rmtree(os.path.join(d.log.path, "stores", "agg"), ignore_errors=True)
         apps.append(_app(d.log, agg_store()))
         return (apps[0],), {}
