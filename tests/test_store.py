@@ -10,7 +10,7 @@ from typing import Any
 import hypothesis.strategies as st
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 
 import engine as en
 from engine import _kernels_py, _multimap_py
@@ -343,6 +343,8 @@ def _model_value(op: str, vals: list[int]) -> Any:
        rows=st.lists(st.tuples(st.integers(0, 6), st.integers(-50, 50), st.integers(-50, 50)),
                      min_size=1, max_size=60),
        cuts=st.lists(st.integers(0, 60), max_size=4), layout=st.sampled_from(["auto", "columns"]))
+@example(spec=[("sum", "b"), ("count", "a"), ("sum", "a"), ("last", "a")],  # the fold-plan bug:
+         rows=[(1, 2, 3), (1, 5, 7)], cuts=[], layout="auto")  # "b" summed into the row group
 def test_any_mix_of_scalar_reducers_equals_a_plain_fold(spec, rows, cuts, layout):
     """Several reducers of one action type, repeated ops and fields included (a fused
     count/sum/last row group forms whenever the last count, sum and last agree on a field):
