@@ -7,7 +7,7 @@ and must share one dtype (the ``_V`` type variable). Inputs (key ids, values, ma
 anything numpy sees as 1-D: ``ArrayLike``.
 """
 
-from typing import SupportsIndex, TypeAlias, TypeVar
+from typing import Any, SupportsIndex, TypeAlias, TypeVar
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -29,6 +29,7 @@ __all__ = [
     "topk",
     "topk_push",
     "topk_read",
+    "point_read",
 ]
 
 _V = TypeVar("_V", np.int64, np.float64)  # the dtype of values and value outputs
@@ -109,3 +110,6 @@ def topk_push(
     mask: _Mask = None,
 ) -> None: ...
 def topk_read(top: NDArray[_V], fill: NDArray[np.int64], key: SupportsIndex) -> NDArray[_V]: ...
+def point_read(
+    arrays: dict[str, Any], names: tuple[str, ...], kid: SupportsIndex, zeros: tuple[Any, ...]
+) -> dict[str, Any]: ...

@@ -38,7 +38,7 @@ import numpy as np
 __all__ = [
     "reduce_count", "reduce_sum", "reduce_min", "reduce_max", "reduce_first", "reduce_last",
     "fold_count_sum_last", "fold_count_sum_last_rows", "ring_push", "ring_read",
-    "watch_diff", "watched_unique", "fan_out", "topk", "topk_push", "topk_read",
+    "watch_diff", "watched_unique", "fan_out", "topk", "topk_push", "topk_read", "point_read",
 ]  # fmt: skip
 
 _INT64 = np.dtype(np.int64)
@@ -680,3 +680,24 @@ def fan_out(offsets: Any, values: Any, cap: int) -> tuple[np.ndarray, np.ndarray
     np.cumsum(counts[:-1], out=starts[1:])
     pos = np.arange(row.shape[0], dtype=np.int64) - starts[row]
     return val[off[:-1][row] + pos], row
+
+
+# ---- point reads -------------------------------------------------------------------------------
+
+
+def point_read(arrays: dict[str, Any], names: tuple[str, ...], kid: int,
+               zeros: tuple[Any, ...]) -> dict[str, Any]:
+    """``{name: arrays[name][kid]}`` as Python scalars, for each name in ``names``; a column with
+    ``kid >= len(column)`` (or ``kid < 0``) gives ``zeros[i]`` instead.
+
+    One call per ``Store.get``: 1-D int64 / float64 columns (strided views of a row group
+    included) are read by pointer, anything else through ``ndarray.item``."""
+    if len(zeros) != len(names):
+        raise ValueError(f"zeros has {len(zeros)} entries but names has {len(names)}")
+    out: dict[str, Any] = {}
+    for name, zero in zip(names, zeros):
+        col = arrays[name]
+        if not isinstance(col, np.ndarray) or col.ndim != 1:
+            raise TypeError(f"column {name!r} must be a 1-D numpy array")
+        out[name] = col.item(kid) if 0 <= kid < col.shape[0] else zero
+    return out

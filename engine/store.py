@@ -91,6 +91,7 @@ class Store:
         self._rows: dict[str, str] = {}  # action type -> row group of its fused count/sum/last
         self._plans: dict[str, _TypePlan] = {}  # filled on the first fold (after bind)
         self._point_cache: list[tuple[str, int, Any, Any]] | None = None  # see _point_plan
+        self._point_fast: tuple[tuple[str, ...], tuple[Any, ...]] | None = None  # (names, zeros)
         self._keydict: Any = None  # the log's key dictionary of this store's domain (get)
         self.columns = self._state_columns(dict(columns))
         self.user_columns = dict(columns)
@@ -429,6 +430,10 @@ class Store:
             shard = 0 if len(shards) == 1 else self.log.shard_of_key(key)
             st = shards[shard]
             plan = self._point_cache or self._point_plan()
+            fast = self._point_fast
+            if fast is not None:  # scalar columns only: one native read of them all
+                with self.locks[shard]:
+                    return _k.point_read(st.arrays, fast[0], kid, fast[1])
             out: dict[str, Any] = {}
             with self.locks[shard]:
                 arrays, inside = st.arrays, kid < st.capacity
@@ -471,6 +476,8 @@ class Store:
             else:
                 plan.append((c, 0, kind, self._dtype(c).type(0).item()))
         self._point_cache = plan
+        if all(code == 0 for _, code, _, _ in plan):
+            self._point_fast = (tuple(c for c, _, _, _ in plan), tuple(z for _, _, _, z in plan))
         return plan
 
     def _bind_keydict(self) -> Any:

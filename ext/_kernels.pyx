@@ -37,7 +37,7 @@ from engine._kernels_py import (
 __all__ = [
     "reduce_count", "reduce_sum", "reduce_min", "reduce_max", "reduce_first", "reduce_last",
     "fold_count_sum_last", "fold_count_sum_last_rows", "ring_push", "ring_read",
-    "watch_diff", "watched_unique", "fan_out", "topk", "topk_push", "topk_read",
+    "watch_diff", "watched_unique", "fan_out", "topk", "topk_push", "topk_read", "point_read",
 ]
 
 ctypedef fused num_t:
@@ -554,6 +554,42 @@ def topk(values, k, mask=None):
     finally:
         free(heap)
     return out[:n].copy() if n < out.shape[0] else out
+
+
+# ---- point reads ------------------------------------------------------------------------------
+
+def point_read(dict arrays, tuple names, Py_ssize_t kid, tuple zeros):
+    """``{name: arrays[name][kid]}`` as Python scalars, for each name in ``names``; a column with
+    ``kid >= len(column)`` (or ``kid < 0``) gives ``zeros[i]`` instead.
+
+    One call per ``Store.get``: 1-D int64 / float64 columns (strided views of a row group
+    included) are read by pointer, anything else through ``ndarray.item``."""
+    cdef dict out = {}
+    cdef Py_ssize_t i, n = len(names)
+    cdef object col
+    cdef cnp.ndarray a
+    cdef char* p
+    cdef int t
+    if len(zeros) != n:
+        raise ValueError(f"zeros has {len(zeros)} entries but names has {n}")
+    for i in range(n):
+        name = names[i]
+        col = arrays[name]
+        if not cnp.PyArray_Check(col) or cnp.PyArray_NDIM(<cnp.ndarray>col) != 1:
+            raise TypeError(f"column {name!r} must be a 1-D numpy array")
+        a = <cnp.ndarray>col
+        if kid < 0 or kid >= cnp.PyArray_DIM(a, 0):
+            out[name] = zeros[i]
+            continue
+        t = cnp.PyArray_TYPE(a)
+        p = <char*>cnp.PyArray_DATA(a) + kid * cnp.PyArray_STRIDE(a, 0)
+        if t == cnp.NPY_INT64 and cnp.PyArray_ISNOTSWAPPED(a):
+            out[name] = (<int64_t*>p)[0]
+        elif t == cnp.NPY_FLOAT64 and cnp.PyArray_ISNOTSWAPPED(a):
+            out[name] = (<double*>p)[0]
+        else:
+            out[name] = a.item(kid)
+    return out
 
 
 # The rest of the module, one file per concept (textual includes: the same compiled module,

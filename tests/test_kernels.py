@@ -817,3 +817,58 @@ def test_fold_rows_fast_path_equals_the_checked_path(ids, dtype, width):
         with pytest.raises(ValueError, match="41") as info:
             native.fold_count_sum_last_rows(fast, bad, np.append(v, v[:1] if len(v) else [0]).astype(dtype), mask)
         assert "state" in str(info.value)
+
+
+# ---- point reads --------------------------------------------------------------------------------
+
+POINT_DTYPES = ["int64", "float64", "int32", "uint8", "bool"]
+
+
+def _same_scalar(a: Any, b: Any) -> bool:
+    """Equal Python scalars of the same type (NaN equals NaN, -0.0 is not 0.0)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, float):
+        return (math.isnan(a) and math.isnan(b)) or (a == b and math.copysign(1, a) == math.copysign(1, b))
+    return a == b
+
+
+@settings(deadline=None, max_examples=150)
+@given(cols=st.lists(st.tuples(st.sampled_from(POINT_DTYPES), st.booleans()), min_size=1, max_size=5),
+       size=st.integers(0, 6), kid=st.integers(-3, 9), data=st.data())
+def test_point_read_native_equals_twin(cols, size, kid, data):
+    """Each column by pointer (int64, float64; strided row-group views too) or by ``item``
+    (other dtypes) gives the twin's Python scalar of the same type; past the end, the zero."""
+    arrays, names, zeros = {}, [], []
+    for i, (dt, strided) in enumerate(cols):
+        vals = data.draw(st.lists(
+            st.floats(allow_nan=True, width=64) if dt == "float64" else st.integers(-(2**63), 2**63 - 1)
+            if dt == "int64" else st.integers(0, 1) if dt == "bool" else st.integers(0, 200),
+            min_size=size, max_size=size), label=f"col{i}")
+        col = np.array(vals, dtype=dt)
+        if strided:  # a column of a row group: a strided view
+            rows = np.zeros((size, 3), dtype=dt)
+            rows[:, 1] = col
+            col = rows[:, 1]
+        arrays[f"c{i}"] = col
+        names.append(f"c{i}")
+        zeros.append(0.0 if dt == "float64" else 0)
+    got = native.point_read(arrays, tuple(names), kid, tuple(zeros))
+    want = twin.point_read(arrays, tuple(names), kid, tuple(zeros))
+    assert list(got) == list(want) == names
+    assert all(_same_scalar(got[n], want[n]) for n in names), (got, want)
+    if 0 <= kid < size:
+        assert all(_same_scalar(got[n], arrays[n][kid].item()) for n in names)
+    else:
+        assert all(got[n] is zeros[i] for i, n in enumerate(names))
+
+
+@pytest.mark.parametrize("mod", [native, twin], ids=["native", "twin"])
+def test_point_read_errors(mod):
+    arrays = {"a": np.zeros(3, np.int64), "m": np.zeros((3, 2))}
+    with pytest.raises(KeyError):
+        mod.point_read(arrays, ("nope",), 0, (0,))
+    with pytest.raises(TypeError, match="'m' must be a 1-D numpy array"):
+        mod.point_read(arrays, ("m",), 0, (0,))
+    with pytest.raises(ValueError, match="zeros has 2 entries but names has 1"):
+        mod.point_read(arrays, ("a",), 0, (0, 0))
