@@ -30,7 +30,7 @@ from .frame import (
     Batch,
     ColumnSpec,
     Var,
-    frame_layout,
+    frame_size,
     kind_of,
     read_header,
     take_rows,
@@ -139,7 +139,7 @@ def compact_shard(shard_log: Any, schema: Any) -> CompactionStats:
 
 
 def _rewrite(seg: Segment, plan: list) -> Segment:
-    sizes = [h.length if kind == "copy" else frame_layout(arg[0])[0] for kind, arg, h in plan]
+    sizes = [h.length if kind == "copy" else frame_size(arg[0])[0] for kind, arg, h in plan]
     size = max(64 << 10, (SEG_HEADER_BYTES + sum(sizes) + 4095) // 4096 * 4096)
     tmp = seg.path[: -len(".seg")] + ".compact.tmp"
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)

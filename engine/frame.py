@@ -90,10 +90,6 @@ def kind_of(field_type: Any) -> int:
     return _KIND_BY_NAME[field_type.kind]
 
 
-def _align(n: int) -> int:
-    return (n + ALIGN - 1) & ~(ALIGN - 1)
-
-
 @dataclass(frozen=True)
 class Var:
     """A variable-length column in Arrow layout: int32 offsets (rows + 1) and uint8 data."""
@@ -136,26 +132,6 @@ def take_rows(v: np.ndarray | Var | VarColumn, idx: np.ndarray) -> np.ndarray | 
     return VarColumn(new_off, data[src] if len(src) else np.empty(0, np.uint8))
 
 
-def frame_layout(columns: Sequence[ColumnSpec]) -> tuple[int, list[tuple[int, int, int, int]]]:
-    """Frame length and, per column, (data_off, data_len, aux_off, aux_len)."""
-    pos = _align(HEADER_BYTES + DESC_BYTES * len(columns))
-    places = []
-    for col in columns:
-        v = col.values
-        if isinstance(v, _VARS):
-            aux_off, aux_len = pos, v.offsets.nbytes
-            pos = _align(pos + aux_len)
-            data_len = int(v.offsets[-1]) if len(v.offsets) else 0
-            data_off = pos
-            pos = _align(pos + data_len)
-        else:
-            aux_off = aux_len = 0
-            data_off, data_len = pos, v.nbytes
-            pos = _align(pos + data_len)
-        places.append((data_off, data_len, aux_off, aux_len))
-    return max(pos, ALIGN), places
-
-
 def _column_tuples(columns: Sequence[ColumnSpec]) -> list[tuple]:
     """The ``(type_id, field_index, kind, rows, data, aux)`` tuples of ``_codec.encode_frame``."""
     out = []
@@ -169,14 +145,20 @@ def _column_tuples(columns: Sequence[ColumnSpec]) -> list[tuple]:
     return out
 
 
-def frame_size(columns: Sequence[ColumnSpec]) -> tuple[int, list[tuple] | None]:
+def frame_size(columns: Sequence[ColumnSpec]) -> tuple[int, list[tuple]]:
     """The frame length of ``columns`` and their encoder tuples (pass them to ``write_frame``
-    as ``tuples``: built once for both calls); None when a column is strided."""
+    as ``tuples``: built once for the room check and the write).
+
+    A strided column (a slice with a step) is not one block of memory: when the encoder refuses
+    the columns, they are copied contiguous and checked again, so any other error is raised by
+    the second check, unchanged. (Checking contiguity per column would cost every frame.)"""
     cols = _column_tuples(columns)
     try:
         return _codec.frame_length(cols), cols
     except (ValueError, BufferError):
-        return frame_layout(columns)[0], None
+        cols = [(t, f, k, r, np.ascontiguousarray(d), a if a is None else np.ascontiguousarray(a))
+                for t, f, k, r, d, a in cols]
+        return _codec.frame_length(cols), cols
 
 
 def write_frame(
@@ -188,30 +170,19 @@ def write_frame(
     columns: Sequence[ColumnSpec],
     timestamp_ns: int,
     sparse: bool = False,
-    layout: tuple[int, list[tuple[int, int, int, int]]] | None = None,
     tuples: list[tuple] | None = None,
 ) -> int:
     """Encode one frame into writable buffer ``buf`` at byte ``pos``; returns its length.
 
-    The caller makes room (``frame_layout`` gives the length; ``layout``, its result, is only
-    checked against the length written). Only bytes [pos, pos + length) are written. Bad input
-    (no room, a column whose size disagrees with its kind and rows, ...) raises ValueError or
-    TypeError from ``_codec.encode_frame`` and leaves ``buf`` unchanged.
+    The caller makes room (``frame_size`` gives the length and the ``tuples``). Only bytes
+    [pos, pos + length) are written. Bad input (no room, a column whose size disagrees with
+    its kind and rows, ...) raises ValueError or TypeError from ``_codec`` and leaves ``buf``
+    unchanged.
     """
     flags = (FLAG_TYPE_COLUMN if ntypes > 1 else 0) | (FLAG_SPARSE if sparse else 0)
-    cols = _column_tuples(columns) if tuples is None else tuples
-    try:
-        length = _encode_frame(buf, pos, first_offset, count, ntypes, flags, timestamp_ns, cols)
-    except (ValueError, BufferError):
-        length = -1
-    if length < 0:
-        # A strided column (a slice with a step) is not one block of memory: copy such columns
-        # and try again. Any other error is raised again, unchanged, by the second call.
-        cols = [(t, f, k, r, np.ascontiguousarray(d), a if a is None else np.ascontiguousarray(a))
-                for t, f, k, r, d, a in cols]
-        length = _encode_frame(buf, pos, first_offset, count, ntypes, flags, timestamp_ns, cols)
-    assert layout is None or layout[0] == length, (layout[0], length)
-    return length
+    if tuples is None:
+        tuples = frame_size(columns)[1]
+    return _encode_frame(buf, pos, first_offset, count, ntypes, flags, timestamp_ns, tuples)
 
 
 @dataclass(frozen=True)

@@ -366,7 +366,7 @@ def _check_write_frame(types: list[int], pos: int, seed: int, first: int) -> Non
         at = SCHEMA.type_by_id(t)
         specs += [ColumnSpec(t, i, frame.kind_of(at.fields[f]), values[t][f])
                   for i, f in enumerate(at.field_names)]
-    length = frame.frame_layout(specs)[0]
+    length = frame.frame_size(specs)[0]
     garbage = rng.integers(0, 256, pos + length + 64, np.uint8).tobytes()
     buf = bytearray(garbage)
     assert frame.write_frame(buf, pos, first, len(types), len(present), specs, 99) == length
