@@ -8,9 +8,15 @@ cdef Rows _watch_rows(object ids, Py_ssize_t watchable, Py_ssize_t bytes_per_key
     watched), a negative one is a ValueError. r.keys = watchable bounds reads and prefetches.
     The caller holds `ids` while any loop uses the pointer."""
     cdef const int64_t[::1] iv = ids
+    return _watch_rows_at(ids, &iv[0], iv.shape[0], watchable, bytes_per_key)
+
+
+cdef Rows _watch_rows_at(object ids, const int64_t* p, Py_ssize_t n, Py_ssize_t watchable,
+                         Py_ssize_t bytes_per_key) except *:
+    """`_watch_rows` over a raw pointer to the n ids of `ids` (the caller holds it)."""
     cdef Rows r
     cdef Py_ssize_t row
-    r.ids, r.n, r.mask, r.keys = &iv[0], iv.shape[0], NULL, (<uint64_t>1) << 63
+    r.ids, r.n, r.mask, r.keys = p, n, NULL, (<uint64_t>1) << 63
     with nogil:
         row = _first_bad(r)   # as uint64, only negative ids reach 2**63
     if row >= 0:
@@ -79,7 +85,7 @@ def watch_diff(ids, watched, state, shadow, out_ids, out_old, out_new):
     branch-free and stores every row's candidate), nothing past ``len(ids)`` is written.
     """
     cdef int vt = cnp.NPY_INT64
-    cdef Py_ssize_t n, keys, stride, row, cap
+    cdef Py_ssize_t n, keys, stride, cap
     cdef Rows r
     cdef const uint8_t* wp
     cdef void* sp
@@ -100,14 +106,7 @@ def watch_diff(ids, watched, state, shadow, out_ids, out_old, out_new):
         if (_len(shadow) >= keys and _len(out_ids) >= n and _len(out_old) >= n
                 and _len(out_new) >= n and stride >= 1
                 and stride * 8 == cnp.PyArray_STRIDE(<cnp.ndarray>state, 0)):
-            r.ids, r.n, r.mask, r.keys = <const int64_t*>_data(ids), n, NULL, (<uint64_t>1) << 63
-            with nogil:
-                row = _first_bad(r)   # as uint64, only negative ids reach 2**63
-            if row >= 0:
-                raise _negative_error(ids, row)
-            r.keys = keys
-            r.ahead = PREFETCH_AHEAD if keys * 17 >= PREFETCH_MIN_BYTES else 0
-            r.ahead_stop = r.n - r.ahead if r.ahead and r.n > r.ahead else 0
+            r = _watch_rows_at(ids, <const int64_t*>_data(ids), n, keys, 17)
             wp, sp, hp = <const uint8_t*>_data(watched), _data(state), _data(shadow)
             ip, op, np_ = <int64_t*>_data(out_ids), _data(out_old), _data(out_new)
             cap = _len(state)
