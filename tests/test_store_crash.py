@@ -300,7 +300,9 @@ def check_recovery(path: str, ends: list[int], reference: dict, where: str,
         log.close()  # no app.close(): the next child resumes from the child's checkpoint
 
 
-def test_kill9_during_checkpoints(tmp_path: Any) -> None:
+def prepared_with_reference(tmp_path: Any) -> tuple[str, list[int], dict]:
+    """The prepared log (a template to copy), its end offsets, and every store's answers
+    after a clean fold of a copy of it."""
     template = str(tmp_path / "template")
     ends = prepare(template)
     clean = str(tmp_path / "clean")
@@ -308,7 +310,11 @@ def test_kill9_during_checkpoints(tmp_path: Any) -> None:
     with en.open(clean, TYPES, durability="none", limits=LIMITS) as log:
         app = App(log, stores(), checkpoint_every_actions=None, checkpoint_every_s=None)
         app.fold()
-        reference = snapshot(app)
+        return template, ends, snapshot(app)
+
+
+def test_kill9_during_checkpoints(tmp_path: Any) -> None:
+    template, ends, reference = prepared_with_reference(tmp_path)
     assert sum(len(v) for v in reference.values()) > 5_000
     assert len(reference["followers"]) > 1_000
     assert sum(len(v["who"]) for v in reference["followers"].values()) > 10_000
@@ -343,14 +349,7 @@ def test_kill9_parked_in_a_checkpoint(tmp_path: Any, point: str, hit: int) -> No
     """A real kill -9 at an exact step of a checkpoint leaves a generation the manifest does
     not name (or the manifest's new one plus the old); recovery removes the stray one and the
     stores recover exactly the manifest's checkpoint."""
-    template = str(tmp_path / "template")
-    ends = prepare(template)
-    clean = str(tmp_path / "clean")
-    shutil.copytree(template, clean)
-    with en.open(clean, TYPES, durability="none", limits=LIMITS) as log:
-        app = App(log, stores(), checkpoint_every_actions=None, checkpoint_every_s=None)
-        app.fold()
-        reference = snapshot(app)
+    template, ends, reference = prepared_with_reference(tmp_path)
     path = str(tmp_path / "work")
     shutil.copytree(template, path)
     crash = Faults(0).crash_point(CHILD_CODE, point, hit=hit, args=[path])
