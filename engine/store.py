@@ -259,6 +259,16 @@ class Store:
                 _k.fold_count_sum_last_rows(st.arrays[p.rows], ids, vals, None)
             _run_builtins(st, p.native, ids, batch, t)
 
+    def touched_ids(self, batch: Any) -> np.ndarray | None:
+        """The key ids a batch touches in this store (one int64 array, in the batch's type
+        order; None when none of its types is folded here)."""
+        plans = self._plans or self._make_plans()
+        parts = [np.ascontiguousarray(batch.column(t, plans[t].key_field), np.int64)
+                 for t in batch.type_names if t in plans]
+        if not parts:
+            return None
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
     def _make_plans(self) -> dict[str, _TypePlan]:
         """Per action type, what folding it takes (computed once: the per-batch cost of a
         one-action frame on the latency path is mostly this kind of bookkeeping)."""

@@ -517,7 +517,7 @@ class Hub:
         if store.name not in self.active:
             return
         offset = batch.end_offset - 1
-        ids = _touched(store, batch)
+        ids = store.touched_ids(batch)
         if ids is None:
             return
         for (name, col), w in list(self.columns.items()):
@@ -605,13 +605,3 @@ def _read_one_shard(store: Any, s: int, col: str, ids: np.ndarray) -> np.ndarray
     out = np.zeros(len(ids), arr.dtype)
     out[ok] = arr[ids[ok]]
     return out
-
-
-def _touched(store: Any, batch: Any) -> np.ndarray | None:
-    """The key ids the batch touched in ``store`` (one array; None when it touched nothing)."""
-    plans = store._plans or store._make_plans()
-    parts = [np.ascontiguousarray(batch.column(t, plans[t].key_field), np.int64)
-             for t in batch.type_names if t in plans]
-    if not parts:
-        return None
-    return parts[0] if len(parts) == 1 else np.concatenate(parts)
